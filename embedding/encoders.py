@@ -1,0 +1,254 @@
+"""Text and image encoders: TensorFlow SavedModels loaded by TF Hub handle or path.
+
+Encoders follow TF Hub's common signatures so real Hub models work unchanged:
+a text model maps a 1-D ``tf.string`` batch to ``[batch, dim]``; an image
+feature-vector model maps float32 ``[batch, height, width, 3]`` in [0, 1] to
+``[batch, dim]``. Models load through ``tensorflow_hub.load`` once per worker
+(``EncoderModelHandler.load_model`` under RunInference's ``shared.Shared``),
+never per element and never pickled with a DoFn: the handler only carries the
+handle string.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler
+
+from catalog_index.errors import EncoderError
+
+TEXT = "text"
+IMAGE = "image"
+KINDS = (TEXT, IMAGE)
+
+# Used when an image model's signature leaves height/width open (None).
+DEFAULT_IMAGE_SIZE = 224
+
+# Output keys tried, in order, when a model returns a dict (TF Hub conventions).
+_OUTPUT_KEYS = ("default", "outputs", "embedding", "pooled_output", "feature_vector")
+
+METRICS_NAMESPACE = "catalog_index"
+
+_log = logging.getLogger(__name__)
+
+
+def _tf():
+    # TensorFlow is imported lazily so that launching, validation errors and
+    # pickling DoFns do not pay for it until a model is really needed.
+    import tensorflow as tf
+
+    return tf
+
+
+def resolve_handle(handle: str) -> str:
+    """Returns the local (or gs://) directory holding the SavedModel of a handle."""
+    import tensorflow_hub as hub
+
+    try:
+        return hub.resolve(handle)
+    except Exception as e:  # hub raises a mix of ValueError, OSError, HTTP errors
+        raise EncoderError(f"cannot resolve model handle {handle!r}: {e}") from e
+
+
+def fingerprint(model_dir: str) -> str:
+    """sha256 over the SavedModel's files (names and bytes), stable across copies."""
+    tf = _tf()
+    digest = hashlib.sha256()
+    paths = []
+    for root, _, files in tf.io.gfile.walk(model_dir):
+        for name in files:
+            paths.append(tf.io.gfile.join(root, name))
+    for path in sorted(paths):
+        rel = path[len(model_dir):].lstrip("/")
+        digest.update(rel.encode() + b"\0")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _single_output(result, handle):
+    if isinstance(result, dict):
+        for key in _OUTPUT_KEYS:
+            if key in result:
+                return result[key]
+        if len(result) == 1:
+            return next(iter(result.values()))
+        raise EncoderError(
+            f"model {handle!r} returns several outputs {sorted(result)}; "
+            f"expected one of {list(_OUTPUT_KEYS)}"
+        )
+    return result
+
+
+def _static_image_size(model) -> Optional[tuple]:
+    """Height and width fixed by the model's serving signature, when it fixes them."""
+    specs = []
+    signatures = getattr(model, "signatures", None) or {}
+    if "serving_default" in signatures:
+        args, kwargs = signatures["serving_default"].structured_input_signature
+        specs.extend(list(args) + list(kwargs.values()))
+    call = getattr(model, "__call__", None)
+    for fn in getattr(call, "concrete_functions", None) or []:
+        args, kwargs = fn.structured_input_signature
+        specs.extend(list(args) + list(kwargs.values()))
+    for spec in specs:
+        shape = getattr(spec, "shape", None)
+        if shape is not None and shape.rank == 4:
+            h, w = shape[1], shape[2]
+            if h is not None and w is not None:
+                return int(h), int(w)
+    return None
+
+
+class Encoder:
+    """A loaded encoder: maps a batch of strings or images to float32 vectors."""
+
+    def __init__(self, handle: str, kind: str, image_size: Optional[Sequence[int]] = None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        import tensorflow_hub as hub
+
+        self.handle = handle
+        self.kind = kind
+        try:
+            self._model = hub.load(handle)
+        except Exception as e:
+            raise EncoderError(
+                f"cannot load {kind} encoder {handle!r}: {type(e).__name__}: {e}. "
+                f"Pass a TF Hub handle or a SavedModel directory."
+            ) from e
+        if callable(self._model):
+            self._fn = self._model
+        elif "serving_default" in getattr(self._model, "signatures", {}):
+            sig = self._model.signatures["serving_default"]
+            _, kwargs = sig.structured_input_signature
+            if len(kwargs) != 1:
+                raise EncoderError(f"{kind} encoder {handle!r}: serving signature must take one input")
+            name = next(iter(kwargs))
+            self._fn = lambda x: sig(**{name: x})
+        else:
+            raise EncoderError(f"{kind} encoder {handle!r} is neither callable nor has a serving signature")
+        self.image_size = None
+        if kind == IMAGE:
+            static = _static_image_size(self._model)
+            if image_size is not None and static is not None and tuple(image_size) != static:
+                raise EncoderError(
+                    f"image encoder {handle!r} takes {static[0]}x{static[1]} images, "
+                    f"not {image_size[0]}x{image_size[1]}; drop --image-size or set it to {static[0]}"
+                )
+            self.image_size = tuple(image_size or static or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))
+
+    def encode(self, batch) -> np.ndarray:
+        """Encodes a batch (list of str, or float32 array [b, h, w, 3]) to float32 [b, dim]."""
+        tf = _tf()
+        if self.kind == TEXT:
+            inputs = tf.constant([s.encode("utf-8") if isinstance(s, str) else s for s in batch], tf.string)
+        else:
+            inputs = tf.convert_to_tensor(np.asarray(batch, dtype=np.float32))
+        out = _single_output(self._fn(inputs), self.handle)
+        out = np.asarray(out, dtype=np.float32)
+        if out.ndim != 2 or out.shape[0] != len(batch):
+            raise EncoderError(
+                f"{self.kind} encoder {self.handle!r} returned shape {out.shape} for a batch of {len(batch)}; "
+                f"expected [batch, dim]"
+            )
+        return out
+
+    def probe(self) -> int:
+        """Runs one dummy input through the model and returns its output size."""
+        if self.kind == TEXT:
+            sample = ["catalog-index probe"]
+        else:
+            sample = np.zeros((1, *self.image_size, 3), np.float32)
+        try:
+            return int(self.encode(sample).shape[1])
+        except EncoderError:
+            raise
+        except Exception as e:
+            raise EncoderError(
+                f"{self.kind} encoder {self.handle!r} failed on a probe input: {type(e).__name__}: {e}. "
+                + (
+                    "Text encoders must take a 1-D tf.string batch."
+                    if self.kind == TEXT
+                    else "Image encoders must take float32 [batch, height, width, 3] in [0, 1]."
+                )
+            ) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """What the launcher learnt about an encoder; goes into the manifest."""
+
+    kind: str
+    handle: str
+    output_dim: int
+    fingerprint: str
+    image_size: Optional[tuple] = None
+
+    def to_json(self) -> dict:
+        out = {"handle": self.handle, "output_dim": self.output_dim, "fingerprint": self.fingerprint}
+        if self.image_size is not None:
+            out["image_size"] = list(self.image_size)
+        return out
+
+
+def inspect_encoder(handle: str, kind: str, image_size: Optional[Sequence[int]] = None) -> EncoderSpec:
+    """Loads and probes an encoder at launch so a bad one fails before any work starts."""
+    if not handle:
+        raise EncoderError(f"no {kind} encoder given: pass --{kind}-encoder HANDLE_OR_PATH")
+    encoder = Encoder(handle, kind, image_size)
+    dim = encoder.probe()
+    return EncoderSpec(kind, handle, dim, fingerprint(resolve_handle(handle)), encoder.image_size)
+
+
+class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
+    """RunInference handler for a Hub encoder; yields one float32 vector per example.
+
+    Wrap it in ``KeyedModelHandler`` to carry item ids through the batch.
+    """
+
+    def __init__(self, handle: str, kind: str, image_size=None, min_batch_size=1, max_batch_size=32,
+                 large_model=False):
+        super().__init__()
+        self._handle = handle
+        self._kind = kind
+        self._image_size = tuple(image_size) if image_size else None
+        self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
+        self._large_model = large_model
+        self._batch_size = Metrics.distribution(METRICS_NAMESPACE, f"{kind}_encoder_batch_size")
+        self._latency = Metrics.distribution(METRICS_NAMESPACE, f"{kind}_encoder_latency_ms")
+
+    def load_model(self) -> Encoder:
+        start = time.perf_counter()
+        encoder = Encoder(self._handle, self._kind, self._image_size)
+        _log.info("loaded %s encoder %s in %.1fs", self._kind, self._handle, time.perf_counter() - start)
+        return encoder
+
+    def run_inference(self, batch: Sequence[Any], model: Encoder, inference_args=None) -> Iterable[np.ndarray]:
+        start = time.perf_counter()
+        vectors = model.encode(batch if self._kind == TEXT else np.stack(batch))
+        self._latency.update(int((time.perf_counter() - start) * 1000))
+        self._batch_size.update(len(batch))
+        return list(vectors)
+
+    def get_num_bytes(self, batch) -> int:
+        if self._kind == TEXT:
+            return sum(len(s.encode("utf-8")) for s in batch)
+        return sum(np.asarray(x).nbytes for x in batch)
+
+    def batch_elements_kwargs(self):
+        return dict(self._batch_kwargs)
+
+    def share_model_across_processes(self) -> bool:
+        return self._large_model
+
+    def get_metrics_namespace(self) -> str:
+        return f"{METRICS_NAMESPACE}.{self._kind}_encoder"

@@ -1,0 +1,201 @@
+"""Fusion: one L2-normalised vector per item from its text and image vectors.
+
+The fusion interface, shared by the built-in projection and by any fusion
+SavedModel given with ``--fusion-model`` (the training pipeline exports those):
+a ``serving_default`` signature taking
+
+    text_embedding  float32 [batch, text_dim]   (zeros where the item has no text)
+    text_mask       float32 [batch]             (1.0 present, 0.0 missing)
+    image_embedding float32 [batch, image_dim]  (zeros where the item has no image)
+    image_mask      float32 [batch]
+
+and returning ``{"embedding": float32 [batch, dim]}``. The pipeline
+L2-normalises whatever the model returns, so a model need not.
+
+The default, ``ProjectionFusion``: each present modality vector is
+L2-normalised and scaled by its weight, missing modalities contribute a zero
+block, the blocks are concatenated and multiplied by a fixed, seeded random
+matrix with orthonormal rows or columns (an orthogonal projection: it keeps
+inner products exactly when the concatenation is shorter than ``dim`` and
+nearly so otherwise), then L2-normalised. An item without an image therefore
+gets the projection of its weighted text block alone; with equal weights the
+cosine between a text-only item and a full item is their text cosine scaled by
+1/sqrt(2). See benchmarks/README.md for why a random projection and not PCA.
+"""
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from catalog_index.errors import EncoderError
+
+TEXT_EMBEDDING = "text_embedding"
+TEXT_MASK = "text_mask"
+IMAGE_EMBEDDING = "image_embedding"
+IMAGE_MASK = "image_mask"
+OUTPUT = "embedding"
+
+PROJECTION = "projection"
+SAVED_MODEL = "saved_model"
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Row-wise L2 normalisation that leaves all-zero rows at zero (no NaN)."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def projection_matrix(in_dim: int, out_dim: int, seed: int) -> np.ndarray:
+    """A seeded [in_dim, out_dim] matrix with orthonormal rows or columns.
+
+    Built from a Gaussian matrix by QR so every worker (and every rerun) makes
+    the same matrix from the same seed without shipping it around.
+    """
+    rng = np.random.default_rng(seed)
+    big, small = max(in_dim, out_dim), min(in_dim, out_dim)
+    q, r = np.linalg.qr(rng.standard_normal((big, small)))
+    # Fix QR's sign ambiguity so the result does not depend on the LAPACK build.
+    q = q * np.sign(np.diag(r))
+    q = q if in_dim >= out_dim else q.T
+    return q.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionSpec:
+    """Everything needed to rebuild the fusion on a worker; small and picklable."""
+
+    kind: str
+    text_dim: int
+    image_dim: int
+    dim: int
+    text_weight: float = 1.0
+    image_weight: float = 1.0
+    seed: int = 0
+    path: Optional[str] = None
+    fingerprint: Optional[str] = None
+
+    def to_json(self) -> dict:
+        out = {"kind": self.kind, "text_dim": self.text_dim, "image_dim": self.image_dim, "dim": self.dim}
+        if self.kind == PROJECTION:
+            out.update(text_weight=self.text_weight, image_weight=self.image_weight, seed=self.seed)
+        else:
+            out.update(path=self.path, fingerprint=self.fingerprint)
+        return out
+
+
+class ProjectionFusion:
+    """Weighted concatenation of normalised modality vectors, then a seeded projection."""
+
+    def __init__(self, spec: FusionSpec):
+        self.spec = spec
+        self.matrix = projection_matrix(spec.text_dim + spec.image_dim, spec.dim, spec.seed)
+
+    def __call__(self, text, text_mask, image, image_mask) -> np.ndarray:
+        t = l2_normalize(text) * (self.spec.text_weight * np.asarray(text_mask, np.float32))[:, None]
+        i = l2_normalize(image) * (self.spec.image_weight * np.asarray(image_mask, np.float32))[:, None]
+        return l2_normalize(np.concatenate([t, i], axis=1) @ self.matrix)
+
+
+class SavedModelFusion:
+    """A fusion SavedModel that follows the interface in this module's docstring."""
+
+    def __init__(self, spec: FusionSpec):
+        import tensorflow as tf
+
+        self.spec = spec
+        try:
+            model = tf.saved_model.load(spec.path)
+            self._fn = model.signatures["serving_default"]
+        except Exception as e:
+            raise EncoderError(
+                f"cannot load fusion model {spec.path!r}: {type(e).__name__}: {e}. It must be a SavedModel "
+                f"with a serving_default signature (see embedding/fusion.py)"
+            ) from e
+        self._model = model  # keeps the signature's variables alive
+
+    def __call__(self, text, text_mask, image, image_mask) -> np.ndarray:
+        import tensorflow as tf
+
+        out = self._fn(
+            **{
+                TEXT_EMBEDDING: tf.constant(np.asarray(text, np.float32)),
+                TEXT_MASK: tf.constant(np.asarray(text_mask, np.float32)),
+                IMAGE_EMBEDDING: tf.constant(np.asarray(image, np.float32)),
+                IMAGE_MASK: tf.constant(np.asarray(image_mask, np.float32)),
+            }
+        )
+        if OUTPUT not in out:
+            raise EncoderError(f"fusion model {self.spec.path!r} returns {sorted(out)}, expected {OUTPUT!r}")
+        return l2_normalize(out[OUTPUT].numpy())
+
+
+def make_fusion(spec: FusionSpec):
+    return ProjectionFusion(spec) if spec.kind == PROJECTION else SavedModelFusion(spec)
+
+
+def inspect_fusion(path: Optional[str], text_dim: int, image_dim: int, dim: Optional[int],
+                   text_weight: float = 1.0, image_weight: float = 1.0, seed: int = 0) -> FusionSpec:
+    """Builds the FusionSpec at launch, loading and probing a fusion SavedModel if given.
+
+    Fails with EncoderError when the model does not take the encoders' sizes or
+    does not return ``dim``-sized vectors.
+    """
+    if path is None:
+        return FusionSpec(PROJECTION, text_dim, image_dim, dim or 256, text_weight, image_weight, seed)
+    from embedding.encoders import fingerprint
+
+    probe_spec = FusionSpec(SAVED_MODEL, text_dim, image_dim, dim or 0, path=path)
+    model = SavedModelFusion(probe_spec)
+    try:
+        out = model(np.zeros((2, text_dim)), np.ones(2), np.zeros((2, image_dim)), np.zeros(2))
+    except EncoderError:
+        raise
+    except Exception as e:
+        raise EncoderError(
+            f"fusion model {path!r} does not accept text vectors of size {text_dim} and image vectors of "
+            f"size {image_dim} (the encoders' output sizes): {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    out_dim = int(out.shape[1])
+    if dim is not None and out_dim != dim:
+        raise EncoderError(
+            f"fusion model {path!r} returns {out_dim}-d vectors but --dimension is {dim}; "
+            f"drop --dimension or set it to {out_dim}"
+        )
+    return dataclasses.replace(probe_spec, dim=out_dim, fingerprint=fingerprint(path))
+
+
+def export_projection_fusion(spec: FusionSpec, export_dir: str) -> str:
+    """Saves a ProjectionFusion as a fusion SavedModel (same interface, same numbers).
+
+    Lets the index ship its fusion as a model, and gives tests a real fusion
+    SavedModel to load through ``--fusion-model``.
+    """
+    import tensorflow as tf
+
+    matrix = ProjectionFusion(spec).matrix
+    module = tf.Module()
+    module.matrix = tf.Variable(matrix, trainable=False)
+    wt, wi = float(spec.text_weight), float(spec.image_weight)
+
+    def normalize(x):
+        return tf.math.divide_no_nan(x, tf.norm(x, axis=1, keepdims=True))
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, spec.text_dim], tf.float32, name=TEXT_EMBEDDING),
+            tf.TensorSpec([None], tf.float32, name=TEXT_MASK),
+            tf.TensorSpec([None, spec.image_dim], tf.float32, name=IMAGE_EMBEDDING),
+            tf.TensorSpec([None], tf.float32, name=IMAGE_MASK),
+        ]
+    )
+    def fuse(text_embedding, text_mask, image_embedding, image_mask):
+        t = normalize(text_embedding) * (wt * text_mask)[:, None]
+        i = normalize(image_embedding) * (wi * image_mask)[:, None]
+        return {OUTPUT: normalize(tf.matmul(tf.concat([t, i], axis=1), module.matrix))}
+
+    module.fuse = fuse
+    tf.saved_model.save(module, export_dir, signatures={"serving_default": fuse})
+    return export_dir
+

@@ -1,0 +1,142 @@
+"""File helpers over Beam's FileSystems, so local paths and gs:// behave the same.
+
+Everything the pipelines write or read goes through here (or through Beam IO),
+never through ``open``/``os`` directly, so that any filesystem Beam knows works.
+"""
+
+import hashlib
+import io
+import posixpath
+from typing import Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+_CHUNK = 8 << 20
+_RAW = CompressionTypes.UNCOMPRESSED
+
+
+def join(base: str, *parts: str) -> str:
+    return FileSystems.join(base.rstrip("/"), *parts)
+
+
+def relative(path: str, base: str) -> str:
+    base = base.rstrip("/") + "/"
+    if not path.startswith(base):
+        raise ValueError(f"{path} is not under {base}")
+    return path[len(base):]
+
+
+def exists(path: str) -> bool:
+    return FileSystems.exists(path)
+
+
+def size(path: str) -> int:
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+
+
+def read_bytes(path: str) -> bytes:
+    with FileSystems.open(path, compression_type=_RAW) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with FileSystems.create(path, compression_type=_RAW) as f:
+        f.write(data)
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Writes to a temporary name, then renames, so readers never see a partial file."""
+    tmp = f"{path}.tmp-{hashlib.sha256(data).hexdigest()[:12]}"
+    write_bytes(tmp, data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def copy_local_file(local_path: str, dest: str) -> tuple:
+    """Streams a local file to ``dest``; returns (size, sha256 hex) of what was written."""
+    digest, size = hashlib.sha256(), 0
+    with open(local_path, "rb") as src, FileSystems.create(dest, compression_type=_RAW) as out:
+        while True:
+            chunk = src.read(_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    return size, digest.hexdigest()
+
+
+def checksum(path: str) -> tuple:
+    """(size, sha256 hex) of a file as stored now."""
+    digest, size = hashlib.sha256(), 0
+    with FileSystems.open(path, compression_type=_RAW) as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def write_parquet(path: str, table: pa.Table) -> int:
+    """Writes a table as one Parquet file; returns its size in bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    data = buf.getvalue()
+    write_bytes(path, data)
+    return len(data)
+
+
+def read_parquet(path: str, columns: Optional[list] = None) -> pa.Table:
+    with FileSystems.open(path, compression_type=_RAW) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def list_files(prefix_dir: str) -> list:
+    """All files below a directory, recursively, as full paths (sorted)."""
+    pattern = join(prefix_dir, "**")
+    try:
+        result = FileSystems.match([pattern])[0]
+    except BeamIOError:
+        return []
+    return sorted(m.path for m in result.metadata_list)
+
+
+def mkdirs(path: str) -> None:
+    """Creates a directory where the filesystem has them; no-op if it exists."""
+    try:
+        FileSystems.mkdirs(path)
+    except (IOError, OSError, BeamIOError):
+        pass
+
+
+def move_tree(src_dir: str, dst_dir: str, files: Iterable[str]) -> None:
+    """Moves files (given as paths relative to src_dir) to the same place below dst_dir.
+
+    Re-runnable: a file already moved (absent below src, present below dst) is
+    skipped, so a retried publication finishes the job instead of failing.
+    """
+    for rel in files:
+        src, dst = join(src_dir, rel), join(dst_dir, rel)
+        if not FileSystems.exists(src) and FileSystems.exists(dst):
+            continue
+        mkdirs(posixpath.dirname(dst))
+        if FileSystems.exists(dst):
+            FileSystems.delete([dst])
+        FileSystems.rename([src], [dst])
+
+
+def delete_tree(directory: str) -> None:
+    files = list_files(directory)
+    if files:
+        FileSystems.delete(files)
+    if FileSystems.exists(directory):
+        try:
+            FileSystems.delete([directory])
+        except (IOError, OSError, BeamIOError):
+            pass

@@ -1,0 +1,165 @@
+"""Options of the index pipeline, as a PipelineOptions subclass that validates itself.
+
+``IndexOptions.validate()`` runs before the pipeline is built: it matches the
+catalog and checks every file's schema, loads and probes both encoders and the
+fusion model, and checks the output location, so that a configuration mistake
+fails at once with one line that says how to fix it.
+"""
+
+import concurrent.futures
+import dataclasses
+import datetime
+import re
+from typing import Optional
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from catalog_index.errors import CatalogSchemaError, ConfigError
+from embedding import encoders as enc
+from embedding import fusion as fus
+from embedding import images
+from pipelines import files
+from schemas import catalog as cat
+from schemas import manifest as mf
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+STAGING_DIR = "_staging"
+
+
+def default_version(now: Optional[datetime.datetime] = None) -> str:
+    """UTC timestamp; sorts after a date-named version of the same day (backfills)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H%M%SZ")
+
+
+def _positive(name, value, minimum=1):
+    if value is None or value < minimum:
+        raise ConfigError(f"--{name} must be at least {minimum}, got {value}")
+
+
+class IndexOptions(PipelineOptions):
+    """App options of ``catalog-index index``; every Beam flag passes through beside them."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--catalog", help="Catalog Parquet path or glob (local, gs://, any Beam filesystem).")
+        parser.add_argument("--output", help="Output root; the run writes OUTPUT/<version>/ and OUTPUT/LATEST.")
+        parser.add_argument("--version", dest="index_version", default=None,
+                            help="Version name (default: UTC timestamp like 2026-11-28T072300Z).")
+        parser.add_argument("--shards", type=int, default=1, help="Number of Annoy shards.")
+        parser.add_argument("--dimension", type=int, default=None,
+                            help="Fused vector size (default 256, or the fusion model's output size).")
+        parser.add_argument("--text-encoder", dest="text_encoder", default=None,
+                            help="Text encoder: TF Hub handle or SavedModel path (1-D tf.string in).")
+        parser.add_argument("--image-encoder", dest="image_encoder", default=None,
+                            help="Image encoder: TF Hub handle or SavedModel path (float32 [b,h,w,3] in [0,1]).")
+        parser.add_argument("--image-size", dest="image_size", type=int, default=None,
+                            help="Square input size for image encoders whose signature leaves it open (224).")
+        parser.add_argument("--fusion-model", dest="fusion_model", default=None,
+                            help="Fusion SavedModel (see embedding/fusion.py); default: seeded projection.")
+        parser.add_argument("--text-weight", dest="text_weight", type=float, default=1.0)
+        parser.add_argument("--image-weight", dest="image_weight", type=float, default=1.0)
+        parser.add_argument("--trees", type=int, default=10, help="Annoy trees per shard.")
+        parser.add_argument("--seed", type=int, default=0, help="Seed of the projection and the Annoy builds.")
+        parser.add_argument("--batch-size", dest="batch_size", type=int, default=32,
+                            help="Largest encoder batch.")
+        parser.add_argument("--max-rejected-fraction", dest="max_rejected_fraction", type=float, default=0.05,
+                            help="Fail before publication when more than this fraction of rows is rejected.")
+        parser.add_argument("--reject-on-image-error", dest="reject_on_image_error", action="store_true",
+                            help="Reject items whose image fails instead of indexing them from text.")
+        parser.add_argument("--max-image-pixels", dest="max_image_pixels", type=int,
+                            default=images.DEFAULT_MAX_PIXELS, help="Larger images are refused undecoded.")
+        parser.add_argument("--large-model", dest="large_model", action="store_true",
+                            help="Load one encoder copy per machine, shared by its processes.")
+        parser.add_argument("--force", action="store_true",
+                            help="Replace an already published version of the same name.")
+
+    def validate(self) -> "IndexPlan":
+        """Checks every option and input; returns the plan or raises ConfigError."""
+        if not self.catalog:
+            raise ConfigError("--catalog is required: a Parquet path or glob")
+        if not self.output:
+            raise ConfigError("--output is required: the directory (local or gs://) that receives versions")
+        _positive("shards", self.shards)
+        _positive("trees", self.trees)
+        _positive("batch-size", self.batch_size)
+        _positive("max-image-pixels", self.max_image_pixels)
+        if self.dimension is not None:
+            _positive("dimension", self.dimension)
+        if self.image_size is not None:
+            _positive("image-size", self.image_size)
+        if not 0.0 <= self.max_rejected_fraction <= 1.0:
+            raise ConfigError(f"--max-rejected-fraction must be within [0, 1], got {self.max_rejected_fraction}")
+        if self.text_weight < 0 or self.image_weight < 0 or self.text_weight + self.image_weight == 0:
+            raise ConfigError("--text-weight and --image-weight must be >= 0 and not both 0")
+        version = self.index_version or default_version()
+        if not _VERSION_RE.match(version):
+            raise ConfigError(f"--version {version!r} must be letters, digits, '.', '_' or '-' (not first)")
+
+        output = self.output.rstrip("/")
+        version_dir = files.join(output, version)
+        if files.exists(files.join(version_dir, mf.MANIFEST_FILE)) and not self.force:
+            raise ConfigError(f"version {version!r} is already published in {output}; "
+                              f"pick another --version or pass --force to replace it")
+
+        catalog_files = match_catalog(self.catalog)
+        size = (self.image_size, self.image_size) if self.image_size else None
+        text = enc.inspect_encoder(self.text_encoder, enc.TEXT)
+        image = enc.inspect_encoder(self.image_encoder, enc.IMAGE, size)
+        fusion = fus.inspect_fusion(self.fusion_model, text.output_dim, image.output_dim, self.dimension,
+                                    self.text_weight, self.image_weight, self.seed)
+        return IndexPlan(
+            catalog_pattern=self.catalog,
+            catalog_files=catalog_files,
+            output=output,
+            version=version,
+            version_dir=version_dir,
+            staging_dir=files.join(output, STAGING_DIR, version),
+            text_encoder=text,
+            image_encoder=image,
+            fusion=fusion,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexPlan:
+    """Everything validation learnt; the pipeline is built from it."""
+
+    catalog_pattern: str
+    catalog_files: tuple
+    output: str
+    version: str
+    version_dir: str
+    staging_dir: str
+    text_encoder: enc.EncoderSpec
+    image_encoder: enc.EncoderSpec
+    fusion: fus.FusionSpec
+
+
+def _check_file(path: str) -> None:
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            schema = pq.read_schema(f)
+    except CatalogSchemaError:
+        raise
+    except Exception as e:
+        raise CatalogSchemaError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+    cat.check_catalog_schema(schema, path)
+
+
+def match_catalog(pattern: str) -> tuple:
+    """Matches the catalog glob and checks each file's schema (in parallel: GCS is slow per file)."""
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except (BeamIOError, ValueError) as e:
+        raise ConfigError(f"--catalog {pattern!r}: cannot list files: {e}") from e
+    paths = sorted(m.path for m in matched)
+    if not paths:
+        raise ConfigError(f"--catalog {pattern!r} matches no file; check the path or glob")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        for future in [pool.submit(_check_file, p) for p in paths]:
+            future.result()
+    return tuple(paths)

@@ -1,0 +1,128 @@
+"""Sharded Annoy indexes: stable shard assignment and the build of one shard.
+
+A shard is built with ``on_disk_build`` in local temp space (so the index never
+has to fit in memory twice), single-threaded with a fixed seed (Annoy's
+multi-threaded build orders trees by thread timing, which would make files
+differ between identical runs), checked by loading it back, and then copied to
+the output filesystem. Annoy ids are the positions of the shard's items sorted
+by item_id, so identical input gives byte-identical shard files.
+"""
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+from annoy import AnnoyIndex
+
+from pipelines import files
+from schemas import embeddings as emb
+
+METRIC = "angular"
+
+
+def stable_shard(item_id: str, num_shards: int) -> int:
+    """First 8 bytes of sha256(item_id), big-endian, modulo num_shards.
+
+    Stable across processes, machines and Python versions (unlike hash()), so
+    an item lands in the same shard in every run with the same shard count.
+    """
+    value = int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big")
+    return value % num_shards
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"shard-{index:05d}-of-{num_shards:05d}"
+
+
+def shard_paths(index: int, num_shards: int) -> dict:
+    """Paths of one shard's files, relative to the version directory."""
+    name = shard_name(index, num_shards)
+    return {
+        "path": f"shards/{name}.ann",
+        "id_map": f"shards/{name}.ids.parquet",
+        "embeddings": f"embeddings/part-{index:05d}-of-{num_shards:05d}.parquet",
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """What was written for one shard; becomes an entry of the manifest's ``shards``."""
+
+    index: int
+    path: str
+    count: int
+    size: int
+    sha256: str
+    id_map: str
+    embeddings: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class IndexedItem:
+    """One fused item on its way into a shard."""
+
+    item_id: str
+    title: Optional[str]
+    text_embedding: Optional[np.ndarray]
+    image_embedding: Optional[np.ndarray]
+    embedding: np.ndarray
+
+
+def build_annoy(vectors: Sequence[np.ndarray], dim: int, trees: int, seed: int, path: str) -> None:
+    """Builds an angular Annoy index of ``vectors`` (annoy id = position) at a local path."""
+    index = AnnoyIndex(dim, METRIC)
+    index.set_seed(seed)
+    index.on_disk_build(path)
+    for i, v in enumerate(vectors):
+        index.add_item(i, v)
+    index.build(trees, n_jobs=1)
+    index.unload()
+
+
+def write_shard(items: Sequence[IndexedItem], index: int, num_shards: int, dim: int, trees: int, seed: int,
+                version_dir: str) -> ShardInfo:
+    """Builds and writes shard ``index``: Annoy file, id map and embeddings part."""
+    items = sorted(items, key=lambda it: it.item_id)
+    paths = shard_paths(index, num_shards)
+    with tempfile.TemporaryDirectory(prefix="catalog-index-shard-") as tmp:
+        local = os.path.join(tmp, "shard.ann")
+        build_annoy([it.embedding for it in items], dim, trees, seed, local)
+        check = AnnoyIndex(dim, METRIC)
+        check.load(local)
+        if check.get_n_items() != len(items):
+            raise RuntimeError(f"shard {index}: Annoy holds {check.get_n_items()} items, expected {len(items)}")
+        check.unload()
+        size, sha = files.copy_local_file(local, files.join(version_dir, paths["path"]))
+
+    ids = [it.item_id for it in items]
+    annoy_ids = pa.array(range(len(items)), pa.int64())
+    files.write_parquet(
+        files.join(version_dir, paths["id_map"]),
+        pa.Table.from_arrays([annoy_ids, pa.array(ids, pa.string())], schema=emb.IDMAP_SCHEMA),
+    )
+
+    def vectors(values):
+        return pa.array([None if v is None else np.asarray(v, np.float32) for v in values],
+                        pa.list_(pa.float32()))
+
+    table = pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.array([it.title for it in items], pa.string()),
+            vectors([it.text_embedding for it in items]),
+            vectors([it.image_embedding for it in items]),
+            vectors([it.embedding for it in items]),
+            pa.array([index] * len(items), pa.int32()),
+            annoy_ids,
+        ],
+        schema=emb.EMBEDDINGS_SCHEMA,
+    )
+    files.write_parquet(files.join(version_dir, paths["embeddings"]), table)
+    return ShardInfo(index, paths["path"], len(items), size, sha, paths["id_map"], paths["embeddings"])

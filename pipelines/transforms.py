@@ -1,0 +1,419 @@
+"""The index pipeline's composite transforms.
+
+    ReadCatalog | ValidateItems | DeduplicateItems | EncodeItems | FuseEmbeddings | WriteAnnoyShards
+
+Every row read leaves exactly one of two ways: as an indexed item in a shard,
+or as a ``Rejection`` (with a stable reason code from ``schemas.rejected``).
+Items indexed without their image additionally produce a degraded record.
+"""
+
+import dataclasses
+import logging
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.utils import shared
+
+from embedding import encoders as enc
+from embedding import fusion as fus
+from embedding import images
+from pipelines import progress
+from pipelines import shards as shd
+from schemas import catalog as cat
+from schemas import rejected as rej
+
+_log = logging.getLogger(__name__)
+
+REJECTED = "rejected"
+DEGRADED = "degraded"
+
+# Texts longer than this are cut before encoding: encoders truncate tokens
+# anyway, and this bounds the memory a pathological description can take.
+MAX_TEXT_CHARS = 4096
+
+
+class CatalogRow(NamedTuple):
+    """One catalog row as read, with where it came from (file and 0-based row)."""
+
+    item_id: Optional[str]
+    title: Optional[str]
+    description: Optional[str]
+    image_uri: Optional[str]
+    source: str
+    row: int
+
+
+class Rejection(NamedTuple):
+    """A row that was not indexed (or, in the degraded table, indexed without its image)."""
+
+    item_id: Optional[str]
+    source: str
+    row: int
+    reason: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return self._asdict()
+
+
+def reject(row: CatalogRow, reason: str, message: str) -> Rejection:
+    return Rejection(row.item_id, row.source, row.row, reason, message)
+
+
+def _blank(value: Optional[str]) -> bool:
+    return value is None or not value.strip()
+
+
+def item_text(row: CatalogRow) -> Optional[str]:
+    """The text the text encoder sees: title and description, or None if both are empty."""
+    parts = [p.strip() for p in (row.title, row.description) if not _blank(p)]
+    return "\n".join(parts)[:MAX_TEXT_CHARS] if parts else None
+
+
+@dataclasses.dataclass
+class EncodedItem:
+    row: CatalogRow
+    text_embedding: Optional[np.ndarray]
+    image_embedding: Optional[np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# ReadCatalog
+
+
+class _ListRowGroups(beam.DoFn):
+    """file -> (file, row group, first row number): the unit of parallel reading."""
+
+    def process(self, path):
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            meta = pq.ParquetFile(f).metadata
+        first = 0
+        for i in range(meta.num_row_groups):
+            yield path, i, first
+            first += meta.row_group(i).num_rows
+
+
+class _ReadRowGroup(beam.DoFn):
+    def __init__(self):
+        self._read = progress.counter(progress.ROWS_READ)
+
+    def process(self, element):
+        path, group, first = element
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            pf = pq.ParquetFile(f)
+            wanted = [c for c in cat.COLUMNS if pf.schema_arrow.get_field_index(c) >= 0]
+            table = pf.read_row_group(group, columns=wanted)
+        n = table.num_rows
+        columns = {c: (table.column(c).to_pylist() if c in wanted else [None] * n) for c in cat.COLUMNS}
+        for i in range(n):
+            yield CatalogRow(
+                columns[cat.ITEM_ID][i],
+                columns[cat.TITLE][i],
+                columns[cat.DESCRIPTION][i],
+                columns[cat.IMAGE_URI][i],
+                path,
+                first + i,
+            )
+        self._read.inc(n)
+        progress.add(progress.ROWS_READ, n)
+
+
+class ReadCatalog(beam.PTransform):
+    """Reads catalog Parquet files (already matched and schema-checked) into CatalogRows.
+
+    Parallel by row group, so one big file does not serialise the read.
+    """
+
+    def __init__(self, paths: Sequence[str]):
+        super().__init__()
+        self._paths = sorted(paths)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[CatalogRow]:
+        return (
+            pbegin
+            | "ListFiles" >> beam.Create(self._paths)
+            | "ListRowGroups" >> beam.ParDo(_ListRowGroups())
+            | "SpreadRowGroups" >> beam.Reshuffle()
+            | "ReadRowGroups" >> beam.ParDo(_ReadRowGroup())
+        )
+
+
+# ---------------------------------------------------------------------------
+# ValidateItems, DeduplicateItems
+
+
+class _Validate(beam.DoFn):
+    def process(self, row):
+        if row.item_id is None:
+            yield beam.pvalue.TaggedOutput(REJECTED, reject(row, rej.MISSING_ITEM_ID, "item_id is null"))
+        elif not row.item_id.strip():
+            yield beam.pvalue.TaggedOutput(REJECTED, reject(row, rej.EMPTY_ITEM_ID, "item_id is empty"))
+        elif _blank(row.title) and _blank(row.image_uri):
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, reject(row, rej.NO_TITLE_OR_IMAGE, "item has neither a non-empty title nor an image_uri")
+            )
+        else:
+            yield row
+
+
+class ValidateItems(beam.PTransform):
+    """Splits rows into usable items and rejections (null/empty id, no title and no image)."""
+
+    def expand(self, rows):
+        results = rows | "CheckRows" >> beam.ParDo(_Validate()).with_outputs(REJECTED, main="items")
+        return {"items": results.items, REJECTED: results[REJECTED]}
+
+
+def _pick_first(element):
+    item_id, rows = element
+    # The deterministic rule: the occurrence from the first source file (by
+    # path) at the lowest row number wins; the others are rejected.
+    rows = sorted(rows, key=lambda r: (r.source, r.row))
+    yield rows[0]
+    for dup in rows[1:]:
+        yield beam.pvalue.TaggedOutput(
+            REJECTED,
+            reject(dup, rej.DUPLICATE_ITEM_ID,
+                   f"item_id also at {rows[0].source} row {rows[0].row}, which is indexed"),
+        )
+
+
+class DeduplicateItems(beam.PTransform):
+    """Keeps one row per item_id (first file by path, then lowest row); rejects the rest."""
+
+    def expand(self, items):
+        results = (
+            items
+            | "KeyById" >> beam.Map(lambda r: (r.item_id, r))
+            | "GroupById" >> beam.GroupByKey()
+            | "PickFirst" >> beam.FlatMap(_pick_first).with_outputs(REJECTED, main="items")
+        )
+        return {"items": results.items, REJECTED: results[REJECTED]}
+
+
+# ---------------------------------------------------------------------------
+# EncodeItems
+
+
+class _LoadImages(beam.DoFn):
+    """item -> (item_id, float32 [h, w, 3]) or a failure (item_id, (reason, message))."""
+
+    FAILED = "failed"
+
+    def __init__(self, size, max_pixels):
+        self._size = tuple(size)
+        self._max_pixels = max_pixels
+        self._loaded = progress.counter(progress.IMAGES_LOADED)
+
+    def process(self, row):
+        try:
+            array = images.load_image(row.image_uri.strip(), self._size, max_pixels=self._max_pixels)
+        except images.ImageError as e:
+            yield beam.pvalue.TaggedOutput(self.FAILED, (row.item_id, (e.reason, str(e))))
+            return
+        except Exception as e:  # an image library bug must not take the run down
+            yield beam.pvalue.TaggedOutput(
+                self.FAILED, (row.item_id, (rej.IMAGE_DECODE_FAILED, f"{type(e).__name__}: {e}"))
+            )
+            return
+        self._loaded.inc()
+        progress.add(progress.IMAGES_LOADED)
+        yield row.item_id, array
+
+
+def _failed_batch(element):
+    """RunInference DLQ entry (batch of (item_id, input), exception) -> one failure per item."""
+    batch, exc = element
+    message = f"encoder failed on a batch of {len(batch)}: {type(exc).__name__}: {exc}"[:1000]
+    for item_id, _ in batch:
+        yield item_id, (rej.ENCODER_FAILED, message)
+
+
+class _Assemble(beam.DoFn):
+    """Joins an item with its vectors and failures; decides indexed, degraded or rejected."""
+
+    def __init__(self, reject_on_image_error: bool):
+        self._reject_on_image_error = reject_on_image_error
+
+    def process(self, element):
+        _, joined = element
+        row = joined["item"][0]
+        if joined["encode_failed"]:
+            reason, message = joined["encode_failed"][0]
+            yield beam.pvalue.TaggedOutput(REJECTED, reject(row, reason, message))
+            return
+        text = joined["text"][0] if joined["text"] else None
+        image = joined["image"][0] if joined["image"] else None
+        if joined["image_failed"]:
+            reason, message = joined["image_failed"][0]
+            if self._reject_on_image_error or text is None or _blank(row.title):
+                yield beam.pvalue.TaggedOutput(REJECTED, reject(row, reason, message))
+                return
+            yield beam.pvalue.TaggedOutput(DEGRADED, reject(row, reason, message + "; indexed from text alone"))
+        yield EncodedItem(row, text, image)
+
+
+class EncodeItems(beam.PTransform):
+    """Runs the text and image encoders as batched RunInference steps keyed by item_id.
+
+    Outputs {"items": EncodedItem, "rejected": Rejection, "degraded": Rejection}.
+    """
+
+    def __init__(self, text_encoder: str, image_encoder: str, image_size, batch_size: int = 32,
+                 max_pixels: int = images.DEFAULT_MAX_PIXELS, reject_on_image_error: bool = False,
+                 large_model: bool = False):
+        super().__init__()
+        self._text = KeyedModelHandler(
+            enc.EncoderModelHandler(text_encoder, enc.TEXT, max_batch_size=batch_size, large_model=large_model))
+        self._image = KeyedModelHandler(
+            enc.EncoderModelHandler(image_encoder, enc.IMAGE, image_size=image_size, max_batch_size=batch_size,
+                                    large_model=large_model))
+        self._image_size = tuple(image_size)
+        self._max_pixels = max_pixels
+        self._reject_on_image_error = reject_on_image_error
+
+    def expand(self, items):
+        texts = items | "SelectTexts" >> beam.FlatMap(
+            lambda r: [(r.item_id, item_text(r))] if item_text(r) is not None else [])
+        text_vectors, text_dlq = texts | "EncodeTexts" >> RunInference(self._text).with_exception_handling()
+
+        loaded = (
+            items
+            | "SelectImages" >> beam.Filter(lambda r: not _blank(r.image_uri))
+            | "LoadImages" >> beam.ParDo(_LoadImages(self._image_size, self._max_pixels)).with_outputs(
+                _LoadImages.FAILED, main="arrays")
+        )
+        image_vectors, image_dlq = (
+            loaded.arrays | "EncodeImages" >> RunInference(self._image).with_exception_handling())
+
+        encode_failed = (
+            (text_dlq.failed_inferences, image_dlq.failed_inferences)
+            | "FlattenEncoderFailures" >> beam.Flatten()
+            | "ExplodeFailedBatches" >> beam.FlatMap(_failed_batch)
+        )
+        joined = (
+            {
+                "item": items | "KeyItems" >> beam.Map(lambda r: (r.item_id, r)),
+                "text": text_vectors,
+                "image": image_vectors,
+                "image_failed": loaded[_LoadImages.FAILED],
+                "encode_failed": encode_failed,
+            }
+            | "JoinVectors" >> beam.CoGroupByKey()
+            | "AssembleItems" >> beam.ParDo(_Assemble(self._reject_on_image_error)).with_outputs(
+                REJECTED, DEGRADED, main="items")
+        )
+        return {"items": joined.items, REJECTED: joined[REJECTED], DEGRADED: joined[DEGRADED]}
+
+
+# ---------------------------------------------------------------------------
+# FuseEmbeddings
+
+
+class _Fuse(beam.DoFn):
+    def __init__(self, spec: fus.FusionSpec):
+        self._spec = spec
+        self._shared = shared.Shared()
+        self._fused = progress.counter(progress.ITEMS_FUSED)
+
+    def setup(self):
+        # One fusion model per worker process, shared by its threads.
+        spec = self._spec
+        self._fusion = self._shared.acquire(lambda: _Holder(fus.make_fusion(spec)), tag=repr(spec)).value
+
+    def process(self, batch):
+        spec = self._spec
+        n = len(batch)
+        text = np.zeros((n, spec.text_dim), np.float32)
+        image = np.zeros((n, spec.image_dim), np.float32)
+        text_mask = np.zeros(n, np.float32)
+        image_mask = np.zeros(n, np.float32)
+        for i, it in enumerate(batch):
+            if it.text_embedding is not None:
+                text[i], text_mask[i] = it.text_embedding, 1.0
+            if it.image_embedding is not None:
+                image[i], image_mask[i] = it.image_embedding, 1.0
+        fused = self._fusion(text, text_mask, image, image_mask)
+        ok = np.isfinite(fused).all(axis=1) & (np.linalg.norm(fused, axis=1) > 0.5)
+        for i, it in enumerate(batch):
+            if not ok[i]:
+                yield beam.pvalue.TaggedOutput(
+                    REJECTED, reject(it.row, rej.EMPTY_EMBEDDING, "fused vector is zero or not finite"))
+                continue
+            yield shd.IndexedItem(it.row.item_id, it.row.title, it.text_embedding, it.image_embedding, fused[i])
+        self._fused.inc(int(ok.sum()))
+        progress.add(progress.ITEMS_FUSED, int(ok.sum()))
+
+
+class _Holder:
+    """Shared.acquire needs a weak-referenceable object."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class FuseEmbeddings(beam.PTransform):
+    """EncodedItem -> IndexedItem with the fused, L2-normalised vector (see embedding/fusion.py)."""
+
+    def __init__(self, spec: fus.FusionSpec, batch_size: int = 256):
+        super().__init__()
+        self._spec = spec
+        self._batch_size = batch_size
+
+    def expand(self, items):
+        results = (
+            items
+            | "BatchItems" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+            | "FuseVectors" >> beam.ParDo(_Fuse(self._spec)).with_outputs(REJECTED, main="items")
+        )
+        return {"items": results.items, REJECTED: results[REJECTED]}
+
+
+# ---------------------------------------------------------------------------
+# WriteAnnoyShards
+
+
+class _BuildShard(beam.DoFn):
+    def __init__(self, num_shards, dim, trees, seed, version_dir):
+        self._args = (num_shards, dim, trees, seed, version_dir)
+        self._indexed = progress.counter(progress.ITEMS_INDEXED)
+
+    def process(self, element):
+        index, joined = element
+        num_shards, dim, trees, seed, version_dir = self._args
+        info = shd.write_shard(list(joined["items"]), index, num_shards, dim, trees, seed, version_dir)
+        self._indexed.inc(info.count)
+        progress.add(progress.ITEMS_INDEXED, info.count)
+        _log.info("built shard %d/%d: %d items, %d bytes", index + 1, num_shards, info.count, info.size)
+        yield info
+
+
+class WriteAnnoyShards(beam.PTransform):
+    """Assigns items to shards by stable hash and builds every shard in parallel.
+
+    Every shard 0..N-1 is written, empty ones included, so readers can rely on N files.
+    """
+
+    def __init__(self, version_dir: str, num_shards: int, dim: int, trees: int, seed: int):
+        super().__init__()
+        self._version_dir = version_dir
+        self._num_shards = num_shards
+        self._dim = dim
+        self._trees = trees
+        self._seed = seed
+
+    def expand(self, items) -> beam.PCollection[shd.ShardInfo]:
+        n = self._num_shards
+        keyed = items | "AssignShards" >> beam.Map(lambda it: (shd.stable_shard(it.item_id, n), it))
+        slots = items.pipeline | "ListShards" >> beam.Create([(i, None) for i in range(n)])
+        return (
+            {"items": keyed, "slot": slots}
+            | "GroupByShard" >> beam.CoGroupByKey()
+            | "BuildShards" >> beam.ParDo(
+                _BuildShard(n, self._dim, self._trees, self._seed, self._version_dir))
+        )

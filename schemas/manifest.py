@@ -1,0 +1,58 @@
+"""The index manifest: its JSON Schema and the accounting rules it must obey.
+
+``manifest.schema.json`` (next to this file) is the contract with readers;
+``validate_manifest`` checks both the schema and the arithmetic a schema cannot
+express (read = indexed + rejected, shard counts sum to indexed, ...).
+"""
+
+import functools
+import json
+import os
+
+import jsonschema
+
+from catalog_index.errors import PublicationError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "LATEST"
+SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "manifest.schema.json")
+
+
+@functools.lru_cache(maxsize=1)
+def manifest_schema() -> dict:
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def validate_manifest(manifest: dict) -> None:
+    """Raises PublicationError when the manifest breaks its schema or its accounting."""
+    try:
+        jsonschema.validate(manifest, manifest_schema())
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise PublicationError(f"manifest is invalid at {where}: {e.message}") from e
+    counts = manifest["counts"]
+    problems = []
+    if counts["read"] != counts["indexed"] + counts["rejected"]:
+        problems.append(f"read {counts['read']} != indexed {counts['indexed']} + rejected {counts['rejected']}")
+    if sum(counts["rejected_by_reason"].values()) != counts["rejected"]:
+        problems.append("rejected_by_reason does not sum to rejected")
+    if sum(counts["degraded_by_reason"].values()) != counts["degraded"]:
+        problems.append("degraded_by_reason does not sum to degraded")
+    if counts["degraded"] > counts["indexed"]:
+        problems.append("more degraded than indexed items")
+    shard_total = sum(s["count"] for s in manifest["shards"])
+    if shard_total != counts["indexed"]:
+        problems.append(f"shard counts sum to {shard_total}, indexed is {counts['indexed']}")
+    indices = [s["index"] for s in manifest["shards"]]
+    if indices != list(range(len(indices))):
+        problems.append(f"shard indices {indices} are not 0..{len(indices) - 1}")
+    if manifest["fusion"]["dim"] != manifest["dimension"]:
+        problems.append("fusion dim differs from dimension")
+    if problems:
+        raise PublicationError("manifest accounting does not add up: " + "; ".join(problems))
+
+
+def dumps(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
