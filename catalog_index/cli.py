@@ -1,0 +1,84 @@
+"""The ``catalog-index`` command: a thin layer over the pipeline modules.
+
+    catalog-index index    --catalog GLOB --output DIR [...] [Beam flags]
+    catalog-index backfill --catalog-pattern P --from D --to D --output DIR [...]
+    catalog-index sample   --output DIR   (a generated catalog and tiny encoders)
+"""
+
+import logging
+import os
+import sys
+
+USAGE = """usage: catalog-index {index,backfill,sample} [options]
+
+  index      build and publish one index version from a catalog
+  backfill   build one version per date from a dated catalog pattern
+  sample     write a generated sample catalog and tiny encoders (no network)
+
+Run `catalog-index COMMAND --help` for the options of a command."""
+
+
+def _quiet_tensorflow():
+    # TensorFlow's C++ start-up chatter drowns the progress lines; errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _setup_logging():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("apache_beam", "absl", "tensorflow", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _index(argv):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import index_pipeline
+    from pipelines.options import IndexOptions
+
+    if "-h" in argv or "--help" in argv:
+        PipelineOptions(["--help"]).view_as(IndexOptions)  # argparse prints help and exits
+    result = index_pipeline.run(argv)
+    print(result.summary())
+    return 0
+
+
+def _backfill(argv):
+    from pipelines import backfill
+
+    outcomes = backfill.run(argv)
+    for o in outcomes:
+        print(f"{o.date}  {o.status:9s}  {o.detail}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    print(f"backfill: {len(outcomes) - len(failed)} of {len(outcomes)} date(s) ok, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _sample(argv):
+    from catalog_index import sample
+
+    sample.main(argv)
+    return 0
+
+
+COMMANDS = {"index": _index, "backfill": _backfill, "sample": _sample}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    _quiet_tensorflow()
+    _setup_logging()
+    from catalog_index.errors import CatalogIndexError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except CatalogIndexError as e:
+        print(f"catalog-index {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

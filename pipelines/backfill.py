@@ -1,0 +1,83 @@
+"""Backfill: one index version per date, from a dated catalog pattern.
+
+``--catalog-pattern 'gs://bucket/catalog/dt={date}/*.parquet' --from D1 --to D2``
+runs the index pipeline once per date (ISO ``YYYY-MM-DD``, inclusive), naming
+the version after the date. Dates already published are skipped unless
+``--force``. A failing date does not stop the others; the exit status says
+whether all of them succeeded.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import logging
+from typing import Callable, Optional
+
+from catalog_index.errors import CatalogIndexError, ConfigError
+from pipelines import files
+from pipelines import index_pipeline
+from schemas import manifest as mf
+
+_log = logging.getLogger(__name__)
+
+
+def _date(value: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2026-11-28") from None
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="catalog-index backfill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--catalog-pattern", required=True,
+                        help="Catalog glob with a {date} placeholder, e.g. 'gs://b/catalog/dt={date}/*.parquet'.")
+    parser.add_argument("--from", dest="start", type=_date, required=True, help="First date, YYYY-MM-DD.")
+    parser.add_argument("--to", dest="end", type=_date, required=True, help="Last date (inclusive).")
+    parser.add_argument("--output", required=True, help="Output root, as for `catalog-index index`.")
+    parser.add_argument("--force", action="store_true", help="Rebuild dates that are already published.")
+    args, rest = parser.parse_known_args(argv)
+    if "{date}" not in args.catalog_pattern:
+        raise ConfigError("--catalog-pattern must contain {date}, e.g. 'catalog/dt={date}/*.parquet'")
+    if args.end < args.start:
+        raise ConfigError(f"--to {args.end} is before --from {args.start}")
+    for flag in ("--catalog", "--version"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise ConfigError(f"backfill sets {flag} itself for each date; remove it")
+    return args, rest
+
+
+@dataclasses.dataclass
+class DateOutcome:
+    date: str
+    status: str  # "published", "skipped" or "failed"
+    detail: str = ""
+
+
+def run(argv=None, index_run: Optional[Callable] = None) -> list:
+    """Runs the backfill; returns one DateOutcome per date, in date order."""
+    args, rest = parse_args(argv)
+    index_run = index_run or index_pipeline.run
+    outcomes = []
+    day = args.start
+    while day <= args.end:
+        date = day.isoformat()
+        day += datetime.timedelta(days=1)
+        published = files.exists(files.join(args.output.rstrip("/"), date, mf.MANIFEST_FILE))
+        if published and not args.force:
+            outcomes.append(DateOutcome(date, "skipped", "already published (use --force to rebuild)"))
+            continue
+        argv_date = ["--catalog", args.catalog_pattern.replace("{date}", date), "--output", args.output,
+                     "--version", date, *rest] + (["--force"] if args.force else [])
+        try:
+            result = index_run(argv_date)
+        except CatalogIndexError as e:
+            outcomes.append(DateOutcome(date, "failed", str(e)))
+            _log.error("%s: %s", date, e)
+            continue
+        except Exception as e:  # a pipeline failure for one date must not stop the others
+            outcomes.append(DateOutcome(date, "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+            _log.exception("%s failed", date)
+            continue
+        outcomes.append(DateOutcome(date, "published", result.summary().splitlines()[1].strip()))
+    return outcomes

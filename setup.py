@@ -1,0 +1,31 @@
+"""catalog-index: Beam pipelines that turn a product catalog into multimodal Annoy indexes."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="catalog-index",
+    version="0.1.0",
+    description="Batch pipelines that turn an e-commerce catalog into sharded multimodal Annoy indexes.",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["catalog_index", "catalog_index.*", "pipelines", "pipelines.*", "embedding",
+                                    "embedding.*", "schemas", "schemas.*"]),
+    package_data={"schemas": ["*.json"]},
+    install_requires=[
+        "apache-beam[gcp]>=2.77,<2.78",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-hub>=0.16.1,<0.17",
+        # tensorflow-hub imports tf_keras for its Keras layer on TF >= 2.16.
+        "tf-keras>=2.21,<2.22",
+        "pyarrow>=18",
+        "google-cloud-storage>=2.14",
+        "annoy>=1.17.3,<1.18",
+        # Decoding: TensorFlow's decoders cannot do CMYK, EXIF orientation, WebP, or bound
+        # pixels before allocating; Pillow does all of these.
+        "pillow>=10.3",
+        # The manifest's JSON Schema is the contract with readers; validate against it.
+        "jsonschema>=4.18",
+        "numpy>=1.26",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["catalog-index=catalog_index.cli:main"]},
+)
