@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny real SavedModel encoders (built once per session) and catalogs."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+GROCERY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "grocery-store", "dataset")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders(tmp_path_factory):
+    """(text_path, image_path) of tiny real SavedModels: 64-d text, 48-d image from 32x32 input."""
+    from embedding import tiny
+
+    root = tmp_path_factory.mktemp("encoders")
+    return tiny.build_text_encoder(str(root / "text")), tiny.build_image_encoder(str(root / "image"))
+
+
+@pytest.fixture(scope="session")
+def sample_catalog(tmp_path_factory):
+    """A generated catalog of 300 good items plus every deliberately bad row (see catalog_index/sample.py)."""
+    from catalog_index import sample
+
+    return sample.generate_catalog(str(tmp_path_factory.mktemp("catalog")), n_items=300, seed=7)
+
+
+@pytest.fixture(scope="session")
+def grocery_dir():
+    path = os.path.abspath(GROCERY)
+    if not os.path.isdir(path):
+        pytest.skip(f"shared Grocery Store data not found at {path}; it is optional (see ../shared/data/README.md)")
+    return path
