@@ -45,17 +45,25 @@ def _count(reasons) -> dict:
     return {reason: int(n) for reason, n in sorted(dict(reasons).items())}
 
 
+def _version_files(manifest: dict) -> set:
+    """Every data file of a version, relative to its directory (the manifest itself aside)."""
+    out = set()
+    for shard in manifest["shards"]:
+        out.update((shard["path"], shard["id_map"], shard["embeddings"]))
+    for paths in manifest["tables"].values():
+        out.update(paths)
+    return out
+
+
 class _Publish(beam.DoFn):
     """Checks, moves and announces the finished version (runs once, on one worker)."""
 
-    def __init__(self, plan: IndexPlan, options: dict, max_rejected_fraction: float, trees: int, seed: int,
-                 force: bool):
+    def __init__(self, plan: IndexPlan, options: dict, max_rejected_fraction: float, trees: int, seed: int):
         self._plan = plan
         self._options = options
         self._max_rejected_fraction = max_rejected_fraction
         self._trees = trees
         self._seed = seed
-        self._force = force
 
     def process(self, _, shards, read, rejected_counts, degraded_counts, rejected_files, degraded_files):
         plan = self._plan
@@ -102,10 +110,14 @@ class _Publish(beam.DoFn):
         mf.validate_manifest(manifest)
         self._verify(manifest, plan.staging_dir, checksums=True)
 
-        if self._force and files.exists(plan.version_dir):
-            files.delete_tree(plan.version_dir)
-        staged = [files.relative(p, plan.staging_dir) for p in files.list_files(plan.staging_dir)]
-        files.move_tree(plan.staging_dir, plan.version_dir, staged)
+        # Whatever is in the version directory and not part of this version goes first: the
+        # replaced version (--force) or leftovers of an interrupted run. Files this version
+        # already moved stay, so a retried publication completes instead of failing.
+        wanted = _version_files(manifest)
+        stale = [p for p in files.list_files(plan.version_dir) if files.relative(p, plan.version_dir) not in wanted]
+        if stale:
+            FileSystems.delete(stale)
+        files.move_tree(plan.staging_dir, plan.version_dir, sorted(wanted))
         # Renames keep content; sizes catch a move that went wrong without re-reading everything.
         self._verify(manifest, plan.version_dir, checksums=False)
         files.write_atomically(files.join(plan.version_dir, mf.MANIFEST_FILE), mf.dumps(manifest))
@@ -151,10 +163,9 @@ class _Publish(beam.DoFn):
 class PublishIndex(beam.PTransform):
     """Waits for every output of the run, then checks and publishes the version (see _Publish)."""
 
-    def __init__(self, plan: IndexPlan, options: dict, max_rejected_fraction: float, trees: int, seed: int,
-                 force: bool):
+    def __init__(self, plan: IndexPlan, options: dict, max_rejected_fraction: float, trees: int, seed: int):
         super().__init__()
-        self._publish = _Publish(plan, options, max_rejected_fraction, trees, seed, force)
+        self._publish = _Publish(plan, options, max_rejected_fraction, trees, seed)
 
     def expand(self, inputs):
         as_dict = beam.pvalue.AsDict
@@ -229,8 +240,7 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
         | "CountDegraded" >> beam.combiners.Count.PerElement(),
         "rejected_files": rejected_files,
         "degraded_files": degraded_files,
-    } | "PublishIndex" >> PublishIndex(plan, options, opts.max_rejected_fraction, opts.trees, opts.seed,
-                                       opts.force)
+    } | "PublishIndex" >> PublishIndex(plan, options, opts.max_rejected_fraction, opts.trees, opts.seed)
 
 
 class IndexRunResult:

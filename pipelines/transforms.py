@@ -9,7 +9,7 @@ Items indexed without their image additionally produce a degraded record.
 
 import dataclasses
 import logging
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np

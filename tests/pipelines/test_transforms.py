@@ -1,0 +1,120 @@
+"""Composite transforms under TestPipeline on the DirectRunner, with labelled assert_that."""
+
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from embedding import fusion as fus
+from pipelines import transforms as tr
+from schemas import rejected as rej
+
+
+def row(item_id, title="t", image_uri=None, source="a.parquet", n=0, description=None):
+    return tr.CatalogRow(item_id, title, description, image_uri, source, n)
+
+
+def test_read_catalog_reads_every_row_group_with_source_and_row(tmp_path):
+    path = str(tmp_path / "c.parquet")
+    table = pa.table({"item_id": [f"i{k}" for k in range(25)], "title": ["x"] * 25, "price": [1.0] * 25})
+    pq.write_table(table, path, row_group_size=10)  # 3 row groups, no description/image columns
+    with TestPipeline() as p:
+        rows = p | tr.ReadCatalog([path])
+        assert_that(rows | beam.Map(lambda r: (r.item_id, r.row, r.source, r.image_uri)),
+                    equal_to([(f"i{k}", k, path, None) for k in range(25)]), label="CheckRows")
+
+
+def test_validate_items_routes_each_bad_row_with_its_reason():
+    rows = [row(None), row(""), row("  "), row("ok"), row("x", title=" ", image_uri=None),
+            row("img", title=None, image_uri="/a.png"), row("n", title=None)]
+    with TestPipeline() as p:
+        out = p | beam.Create(rows) | tr.ValidateItems()
+        assert_that(out["items"] | beam.Map(lambda r: r.item_id), equal_to(["ok", "img"]), label="CheckItems")
+        assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.reason)), equal_to([
+            (None, rej.MISSING_ITEM_ID), ("", rej.EMPTY_ITEM_ID), ("  ", rej.EMPTY_ITEM_ID),
+            ("x", rej.NO_TITLE_OR_IMAGE), ("n", rej.NO_TITLE_OR_IMAGE)]), label="CheckRejected")
+
+
+def test_deduplicate_keeps_first_file_then_lowest_row():
+    rows = [row("d", "late", source="b.parquet", n=0), row("d", "second", source="a.parquet", n=5),
+            row("d", "first", source="a.parquet", n=2), row("u", "unique")]
+    with TestPipeline() as p:
+        out = p | beam.Create(rows) | tr.DeduplicateItems()
+        assert_that(out["items"] | beam.Map(lambda r: (r.item_id, r.title)),
+                    equal_to([("d", "first"), ("u", "unique")]), label="CheckKept")
+        assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.source, r.row, r.reason)),
+                    equal_to([("a.parquet", 5, rej.DUPLICATE_ITEM_ID), ("b.parquet", 0, rej.DUPLICATE_ITEM_ID)]),
+                    label="CheckDuplicates")
+
+
+def _png(path, colour):
+    Image.new("RGB", (20, 20), colour).save(path)
+    return str(path)
+
+
+def test_encode_items_degrades_or_rejects_bad_images(tmp_path, tiny_encoders):
+    text, image = tiny_encoders
+    good = _png(tmp_path / "g.png", (200, 10, 10))
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    rows = [row("text-only", "red shoes"), row("both", "red shoes", image_uri=good),
+            row("image-only", None, image_uri=good),
+            row("bad-image", "blue hat", image_uri=str(tmp_path / "bad.jpg")),
+            row("bad-image-no-title", None, image_uri=str(tmp_path / "missing.png"))]
+
+    def shape(it):
+        return (it.row.item_id, None if it.text_embedding is None else it.text_embedding.shape,
+                None if it.image_embedding is None else it.image_embedding.shape)
+
+    for reject_on_error in (False, True):
+        with TestPipeline() as p:
+            out = p | beam.Create(rows) | tr.EncodeItems(text, image, (32, 32), batch_size=2,
+                                                          reject_on_image_error=reject_on_error)
+            expected = [("text-only", (64,), None), ("both", (64,), (48,)), ("image-only", None, (48,))]
+            rejected = [("bad-image-no-title", rej.IMAGE_FETCH_FAILED)]
+            degraded = [("bad-image", rej.IMAGE_DECODE_FAILED)]
+            if reject_on_error:
+                rejected, degraded = rejected + degraded, []
+            else:
+                expected.append(("bad-image", (64,), None))
+            assert_that(out["items"] | beam.Map(shape), equal_to(expected), label="CheckEncoded")
+            assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.reason)), equal_to(rejected),
+                        label="CheckRejected")
+            assert_that(out[tr.DEGRADED] | beam.Map(lambda r: (r.item_id, r.reason)), equal_to(degraded),
+                        label="CheckDegraded")
+
+
+def test_fuse_embeddings_normalises_and_rejects_empty_vectors():
+    spec = fus.FusionSpec(fus.PROJECTION, 3, 2, 8)
+    items = [
+        tr.EncodedItem(row("a"), np.array([1, 0, 0], np.float32), np.array([0, 1], np.float32)),
+        tr.EncodedItem(row("b"), np.array([0, 2, 0], np.float32), None),
+        tr.EncodedItem(row("zero"), np.zeros(3, np.float32), None),
+    ]
+    with TestPipeline() as p:
+        out = p | beam.Create(items) | tr.FuseEmbeddings(spec, batch_size=2)
+        assert_that(out["items"] | beam.Map(lambda it: (it.item_id, round(float(np.linalg.norm(it.embedding)), 5),
+                                                         it.embedding.shape)),
+                    equal_to([("a", 1.0, (8,)), ("b", 1.0, (8,))]), label="CheckFused")
+        assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.reason)),
+                    equal_to([("zero", rej.EMPTY_EMBEDDING)]), label="CheckRejected")
+
+
+def test_write_annoy_shards_writes_every_shard(tmp_path):
+    from pipelines import shards as shd
+
+    rng = np.random.default_rng(0)
+    vecs = fus.l2_normalize(rng.normal(size=(40, 8)))
+    items = [shd.IndexedItem(f"i{k}", None, None, None, vecs[k]) for k in range(40)]
+    with TestPipeline() as p:
+        infos = p | beam.Create(items) | tr.WriteAnnoyShards(str(tmp_path), 5, 8, trees=3, seed=0)
+        assert_that(infos | beam.Map(lambda s: s.index), equal_to(list(range(5))), label="CheckIndices")
+        assert_that(infos | beam.Map(lambda s: s.count) | beam.CombineGlobally(sum), equal_to([40]),
+                    label="CheckTotal")
+    expected = {k: sum(shd.stable_shard(f"i{j}", 5) == k for j in range(40)) for k in range(5)}
+    for k, n in expected.items():
+        ids = pq.read_table(tmp_path / "shards" / f"shard-{k:05d}-of-00005.ids.parquet").column("item_id")
+        assert len(ids) == n and all(shd.stable_shard(i, 5) == k for i in ids.to_pylist())
