@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except CatalogIndexError as e:
-        print(f"catalog-index {argv[0]}: error: {e}", file=sys.stderr)
+        # One line: the message already says what to fix; tracebacks are for bugs, not for users.
+        print(f"catalog-index {argv[0]}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -34,3 +34,10 @@ class DataError(CatalogIndexError):
 
 class PublicationError(CatalogIndexError):
     """The run produced output that must not be published (failed checks or limits)."""
+
+
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """'Type: first line of the message', cut to ``limit``: TensorFlow errors run to pages."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

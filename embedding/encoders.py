@@ -19,7 +19,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from catalog_index.errors import EncoderError
+from catalog_index.errors import EncoderError, brief
 
 TEXT = "text"
 IMAGE = "image"
@@ -51,7 +51,7 @@ def resolve_handle(handle: str) -> str:
     try:
         return hub.resolve(handle)
     except Exception as e:  # hub raises a mix of ValueError, OSError, HTTP errors
-        raise EncoderError(f"cannot resolve model handle {handle!r}: {e}") from e
+        raise EncoderError(f"cannot resolve model handle {handle!r}: {brief(e)}") from e
 
 
 def fingerprint(model_dir: str) -> str:
@@ -122,7 +122,7 @@ class Encoder:
             self._model = hub.load(handle)
         except Exception as e:
             raise EncoderError(
-                f"cannot load {kind} encoder {handle!r}: {type(e).__name__}: {e}. "
+                f"cannot load {kind} encoder {handle!r}: {brief(e)}. "
                 f"Pass a TF Hub handle or a SavedModel directory."
             ) from e
         if callable(self._model):
@@ -174,7 +174,7 @@ class Encoder:
             raise
         except Exception as e:
             raise EncoderError(
-                f"{self.kind} encoder {self.handle!r} failed on a probe input: {type(e).__name__}: {e}. "
+                f"{self.kind} encoder {self.handle!r} failed on a probe input: {brief(e)}. "
                 + (
                     "Text encoders must take a 1-D tf.string batch."
                     if self.kind == TEXT

@@ -15,12 +15,17 @@ L2-normalises whatever the model returns, so a model need not.
 The default, ``ProjectionFusion``: each present modality vector is
 L2-normalised and scaled by its weight, missing modalities contribute a zero
 block, the blocks are concatenated and multiplied by a fixed, seeded random
-matrix with orthonormal rows or columns (an orthogonal projection: it keeps
-inner products exactly when the concatenation is shorter than ``dim`` and
-nearly so otherwise), then L2-normalised. An item without an image therefore
+matrix with orthonormal rows or columns, then L2-normalised. When the
+concatenation is shorter than ``dim`` this keeps inner products exactly; when
+it is wider it loses neighbour structure in proportion to the squeeze (measured
+in benchmarks/fusion_quality.md: 93% item-to-item recall@10 at 1280 -> 256). An item without an image therefore
 gets the projection of its weighted text block alone; with equal weights the
 cosine between a text-only item and a full item is their text cosine scaled by
-1/sqrt(2). See benchmarks/README.md for why a random projection and not PCA.
+1/sqrt(2). benchmarks/fusion_quality.md says why a random projection and not a
+PCA fitted on the catalog: PCA keeps more at small ``dim``, but needs a second
+pass over the catalog and a fitted matrix per version, so vectors of different
+versions stop being comparable; a fitted reduction can still come in as a
+``--fusion-model``.
 """
 
 import dataclasses
@@ -28,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from catalog_index.errors import EncoderError
+from catalog_index.errors import EncoderError, brief
 
 TEXT_EMBEDDING = "text_embedding"
 TEXT_MASK = "text_mask"
@@ -110,7 +115,7 @@ class SavedModelFusion:
             self._fn = model.signatures["serving_default"]
         except Exception as e:
             raise EncoderError(
-                f"cannot load fusion model {spec.path!r}: {type(e).__name__}: {e}. It must be a SavedModel "
+                f"cannot load fusion model {spec.path!r}: {brief(e)}. It must be a SavedModel "
                 f"with a serving_default signature (see embedding/fusion.py)"
             ) from e
         self._model = model  # keeps the signature's variables alive
@@ -155,7 +160,7 @@ def inspect_fusion(path: Optional[str], text_dim: int, image_dim: int, dim: Opti
     except Exception as e:
         raise EncoderError(
             f"fusion model {path!r} does not accept text vectors of size {text_dim} and image vectors of "
-            f"size {image_dim} (the encoders' output sizes): {type(e).__name__}: {str(e).splitlines()[0]}"
+            f"size {image_dim} (the encoders' output sizes): {brief(e)}"
         ) from e
     out_dim = int(out.shape[1])
     if dim is not None and out_dim != dim:

@@ -13,7 +13,7 @@ import datetime
 import logging
 from typing import Callable, Optional
 
-from catalog_index.errors import CatalogIndexError, ConfigError
+from catalog_index.errors import CatalogIndexError, ConfigError, brief
 from pipelines import files
 from pipelines import index_pipeline
 from schemas import manifest as mf
@@ -76,7 +76,7 @@ def run(argv=None, index_run: Optional[Callable] = None) -> list:
             _log.error("%s: %s", date, e)
             continue
         except Exception as e:  # a pipeline failure for one date must not stop the others
-            outcomes.append(DateOutcome(date, "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+            outcomes.append(DateOutcome(date, "failed", brief(e)))
             _log.exception("%s failed", date)
             continue
         outcomes.append(DateOutcome(date, "published", result.summary().splitlines()[1].strip()))

@@ -206,9 +206,11 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     rows = p | "ReadCatalog" >> tr.ReadCatalog(plan.catalog_files)
     valid = rows | "ValidateItems" >> tr.ValidateItems()
     unique = valid["items"] | "DeduplicateItems" >> tr.DeduplicateItems()
-    encoded = unique["items"] | "EncodeItems" >> tr.EncodeItems(
-        plan.text_encoder.handle, plan.image_encoder.handle, plan.image_encoder.image_size,
-        batch_size=opts.batch_size, max_pixels=opts.max_image_pixels,
+    buckets = plan.encode_buckets(opts.batch_size)
+    batches = unique["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size)
+    encoded = batches | "EncodeItems" >> tr.EncodeItems(
+        plan.text_encoder.handle, plan.image_encoder.handle, plan.image_encoder.image_size, buckets,
+        max_pixels=opts.max_image_pixels,
         reject_on_image_error=opts.reject_on_image_error, large_model=opts.large_model)
     fused = encoded["items"] | "FuseEmbeddings" >> tr.FuseEmbeddings(plan.fusion)
     shards = fused["items"] | "WriteAnnoyShards" >> tr.WriteAnnoyShards(

@@ -17,7 +17,7 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from catalog_index.errors import CatalogSchemaError, ConfigError
+from catalog_index.errors import CatalogSchemaError, ConfigError, brief
 from embedding import encoders as enc
 from embedding import fusion as fus
 from embedding import images
@@ -105,7 +105,7 @@ class IndexOptions(PipelineOptions):
             raise ConfigError(f"version {version!r} is already published in {output}; "
                               f"pick another --version or pass --force to replace it")
 
-        catalog_files = match_catalog(self.catalog)
+        catalog_files, catalog_rows = match_catalog(self.catalog)
         size = (self.image_size, self.image_size) if self.image_size else None
         text = enc.inspect_encoder(self.text_encoder, enc.TEXT)
         image = enc.inspect_encoder(self.image_encoder, enc.IMAGE, size)
@@ -114,6 +114,7 @@ class IndexOptions(PipelineOptions):
         return IndexPlan(
             catalog_pattern=self.catalog,
             catalog_files=catalog_files,
+            catalog_rows=catalog_rows,
             output=output,
             version=version,
             version_dir=version_dir,
@@ -130,6 +131,7 @@ class IndexPlan:
 
     catalog_pattern: str
     catalog_files: tuple
+    catalog_rows: int
     output: str
     version: str
     version_dir: str
@@ -138,28 +140,35 @@ class IndexPlan:
     image_encoder: enc.EncoderSpec
     fusion: fus.FusionSpec
 
+    def encode_buckets(self, batch_size: int) -> int:
+        """How many groups the items are batched in: about 8 batches per group."""
+        return max(1, -(-self.catalog_rows // (batch_size * 8)))
 
-def _check_file(path: str) -> None:
+
+def _check_file(path: str) -> int:
+    """Checks one file's schema from its footer; returns its row count."""
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            schema = pq.read_schema(f)
-    except CatalogSchemaError:
-        raise
+            meta = pq.ParquetFile(f).metadata
+            schema = meta.schema.to_arrow_schema()
     except Exception as e:
-        raise CatalogSchemaError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+        raise CatalogSchemaError(f"{path}: not a readable Parquet file ({brief(e)})") from e
     cat.check_catalog_schema(schema, path)
+    return meta.num_rows
 
 
 def match_catalog(pattern: str) -> tuple:
-    """Matches the catalog glob and checks each file's schema (in parallel: GCS is slow per file)."""
+    """Matches the catalog glob and checks each file's schema (in parallel: GCS is slow per file).
+
+    Returns (sorted paths, total row count).
+    """
     try:
         matched = FileSystems.match([pattern])[0].metadata_list
     except (BeamIOError, ValueError) as e:
-        raise ConfigError(f"--catalog {pattern!r}: cannot list files: {e}") from e
+        raise ConfigError(f"--catalog {pattern!r}: cannot list files: {brief(e)}") from e
     paths = sorted(m.path for m in matched)
     if not paths:
         raise ConfigError(f"--catalog {pattern!r} matches no file; check the path or glob")
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        for future in [pool.submit(_check_file, p) for p in paths]:
-            future.result()
-    return tuple(paths)
+        rows = sum(future.result() for future in [pool.submit(_check_file, p) for p in paths])
+    return tuple(paths), rows

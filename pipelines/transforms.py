@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.utils import shared
 
+from catalog_index.errors import brief
 from embedding import encoders as enc
 from embedding import fusion as fus
 from embedding import images
@@ -197,100 +198,172 @@ class DeduplicateItems(beam.PTransform):
 
 
 # ---------------------------------------------------------------------------
-# EncodeItems
+# BatchItems, EncodeItems, FuseEmbeddings
+#
+# Encoders give results that differ in the last bit with the composition of a
+# batch (oneDNN / cuDNN pick kernels by shape). So that identical input gives
+# identical vectors, and so identical Annoy files, batches are not left to
+# BatchElements' timing: items are grouped by a stable hash of item_id into
+# buckets, sorted, and cut into fixed-size batches, and the same batches flow
+# through both encoders, the join and the fusion.
+
+
+def _cut_batches(element, batch_size):
+    bucket, rows = element
+    rows = sorted(rows, key=lambda r: r.item_id)
+    for start in range(0, len(rows), batch_size):
+        yield bucket, rows[start:start + batch_size]
+
+
+class BatchItems(beam.PTransform):
+    """CatalogRow -> (bucket, [CatalogRow]): deterministic batches of at most batch_size items."""
+
+    def __init__(self, num_buckets: int, batch_size: int):
+        super().__init__()
+        self._num_buckets = num_buckets
+        self._batch_size = batch_size
+
+    def expand(self, items):
+        nb, size = self._num_buckets, self._batch_size
+        return (
+            items
+            | "KeyByBucket" >> beam.Map(lambda r: (shd.stable_shard(r.item_id, nb), r))
+            | "GroupByBucket" >> beam.GroupByKey()
+            | "CutBatches" >> beam.FlatMap(_cut_batches, size)
+        )
 
 
 class _LoadImages(beam.DoFn):
-    """item -> (item_id, float32 [h, w, 3]) or a failure (item_id, (reason, message))."""
+    """(bucket, rows) -> [(item_id, float32 [h, w, 3])] for the batch, and one failure per bad image.
+
+    Fetching and decoding run in a small thread pool: fetches wait on the
+    network or GCS, and Pillow releases the GIL while it decodes.
+    """
 
     FAILED = "failed"
+    THREADS = 8
 
     def __init__(self, size, max_pixels):
         self._size = tuple(size)
         self._max_pixels = max_pixels
         self._loaded = progress.counter(progress.IMAGES_LOADED)
+        self._pool = None
 
-    def process(self, row):
+    def setup(self):
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.THREADS, thread_name_prefix="load-image")
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def _load(self, row):
         try:
-            array = images.load_image(row.image_uri.strip(), self._size, max_pixels=self._max_pixels)
+            return images.load_image(row.image_uri.strip(), self._size, max_pixels=self._max_pixels), None
         except images.ImageError as e:
-            yield beam.pvalue.TaggedOutput(self.FAILED, (row.item_id, (e.reason, str(e))))
-            return
+            return None, (e.reason, str(e))
         except Exception as e:  # an image library bug must not take the run down
-            yield beam.pvalue.TaggedOutput(
-                self.FAILED, (row.item_id, (rej.IMAGE_DECODE_FAILED, f"{type(e).__name__}: {e}"))
-            )
-            return
-        self._loaded.inc()
-        progress.add(progress.IMAGES_LOADED)
-        yield row.item_id, array
+            return None, (rej.IMAGE_DECODE_FAILED, brief(e))
+
+    def process(self, element):
+        _, rows = element
+        rows = [r for r in rows if not _blank(r.image_uri)]
+        loaded = []
+        for row, (array, failure) in zip(rows, self._pool.map(self._load, rows)):
+            if failure is not None:
+                yield beam.pvalue.TaggedOutput(self.FAILED, (row.item_id, failure))
+            else:
+                loaded.append((row.item_id, array))
+        if loaded:
+            self._loaded.inc(len(loaded))
+            progress.add(progress.IMAGES_LOADED, len(loaded))
+            yield loaded
+
+
+def _texts(element):
+    _, rows = element
+    batch = [(r.item_id, item_text(r)) for r in rows if item_text(r) is not None]
+    return [batch] if batch else []
 
 
 def _failed_batch(element):
     """RunInference DLQ entry (batch of (item_id, input), exception) -> one failure per item."""
     batch, exc = element
-    message = f"encoder failed on a batch of {len(batch)}: {type(exc).__name__}: {exc}"[:1000]
+    message = f"encoder failed on a batch of {len(batch)}: {brief(exc, 1000)}"
     for item_id, _ in batch:
         yield item_id, (rej.ENCODER_FAILED, message)
 
 
 class _Assemble(beam.DoFn):
-    """Joins an item with its vectors and failures; decides indexed, degraded or rejected."""
+    """Joins one bucket's items with their vectors and failures, in the bucket's batches.
+
+    Decides per item: indexed, indexed but degraded (image failed, title present),
+    or rejected. Yields lists of EncodedItem, one per original batch.
+    """
 
     def __init__(self, reject_on_image_error: bool):
         self._reject_on_image_error = reject_on_image_error
 
     def process(self, element):
         _, joined = element
-        row = joined["item"][0]
-        if joined["encode_failed"]:
-            reason, message = joined["encode_failed"][0]
-            yield beam.pvalue.TaggedOutput(REJECTED, reject(row, reason, message))
-            return
-        text = joined["text"][0] if joined["text"] else None
-        image = joined["image"][0] if joined["image"] else None
-        if joined["image_failed"]:
-            reason, message = joined["image_failed"][0]
-            if self._reject_on_image_error or text is None or _blank(row.title):
-                yield beam.pvalue.TaggedOutput(REJECTED, reject(row, reason, message))
-                return
-            yield beam.pvalue.TaggedOutput(DEGRADED, reject(row, reason, message + "; indexed from text alone"))
-        yield EncodedItem(row, text, image)
+        text = dict(joined["text"])
+        image = dict(joined["image"])
+        image_failed = dict(joined["image_failed"])
+        encode_failed = dict(joined["encode_failed"])
+        for batch in sorted(joined["batch"], key=lambda rows: rows[0].item_id):
+            out = []
+            for row in batch:
+                if row.item_id in encode_failed:
+                    yield beam.pvalue.TaggedOutput(REJECTED, reject(row, *encode_failed[row.item_id]))
+                    continue
+                t = text.get(row.item_id)
+                if row.item_id in image_failed:
+                    reason, message = image_failed[row.item_id]
+                    if self._reject_on_image_error or t is None or _blank(row.title):
+                        yield beam.pvalue.TaggedOutput(REJECTED, reject(row, reason, message))
+                        continue
+                    yield beam.pvalue.TaggedOutput(
+                        DEGRADED, reject(row, reason, message + "; indexed from text alone"))
+                out.append(EncodedItem(row, t, image.get(row.item_id)))
+            if out:
+                yield out
 
 
 class EncodeItems(beam.PTransform):
-    """Runs the text and image encoders as batched RunInference steps keyed by item_id.
+    """Runs the text and image encoders as RunInference steps keyed by item_id.
 
-    Outputs {"items": EncodedItem, "rejected": Rejection, "degraded": Rejection}.
+    Input: deterministic batches from BatchItems. Outputs {"items": [EncodedItem]
+    per batch, "rejected": Rejection, "degraded": Rejection}.
     """
 
-    def __init__(self, text_encoder: str, image_encoder: str, image_size, batch_size: int = 32,
+    def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int,
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, reject_on_image_error: bool = False,
                  large_model: bool = False):
         super().__init__()
+        # Batches are formed upstream (BatchItems), so RunInference must not re-batch.
         self._text = KeyedModelHandler(
-            enc.EncoderModelHandler(text_encoder, enc.TEXT, max_batch_size=batch_size, large_model=large_model))
+            enc.EncoderModelHandler(text_encoder, enc.TEXT, large_model=large_model)).with_no_batching()
         self._image = KeyedModelHandler(
-            enc.EncoderModelHandler(image_encoder, enc.IMAGE, image_size=image_size, max_batch_size=batch_size,
-                                    large_model=large_model))
+            enc.EncoderModelHandler(image_encoder, enc.IMAGE, image_size=image_size,
+                                    large_model=large_model)).with_no_batching()
         self._image_size = tuple(image_size)
+        self._num_buckets = num_buckets
         self._max_pixels = max_pixels
         self._reject_on_image_error = reject_on_image_error
 
-    def expand(self, items):
-        texts = items | "SelectTexts" >> beam.FlatMap(
-            lambda r: [(r.item_id, item_text(r))] if item_text(r) is not None else [])
-        text_vectors, text_dlq = texts | "EncodeTexts" >> RunInference(self._text).with_exception_handling()
+    def expand(self, batches):
+        nb = self._num_buckets
 
-        loaded = (
-            items
-            | "SelectImages" >> beam.Filter(lambda r: not _blank(r.image_uri))
-            | "LoadImages" >> beam.ParDo(_LoadImages(self._image_size, self._max_pixels)).with_outputs(
-                _LoadImages.FAILED, main="arrays")
-        )
+        def by_bucket(kv):
+            return shd.stable_shard(kv[0], nb), kv
+
+        texts = batches | "SelectTexts" >> beam.FlatMap(_texts)
+        text_vectors, text_dlq = texts | "EncodeTexts" >> RunInference(self._text).with_exception_handling()
+        loaded = batches | "LoadImages" >> beam.ParDo(
+            _LoadImages(self._image_size, self._max_pixels)).with_outputs(_LoadImages.FAILED, main="arrays")
         image_vectors, image_dlq = (
             loaded.arrays | "EncodeImages" >> RunInference(self._image).with_exception_handling())
-
         encode_failed = (
             (text_dlq.failed_inferences, image_dlq.failed_inferences)
             | "FlattenEncoderFailures" >> beam.Flatten()
@@ -298,21 +371,17 @@ class EncodeItems(beam.PTransform):
         )
         joined = (
             {
-                "item": items | "KeyItems" >> beam.Map(lambda r: (r.item_id, r)),
-                "text": text_vectors,
-                "image": image_vectors,
-                "image_failed": loaded[_LoadImages.FAILED],
-                "encode_failed": encode_failed,
+                "batch": batches,
+                "text": text_vectors | "BucketTexts" >> beam.Map(by_bucket),
+                "image": image_vectors | "BucketImages" >> beam.Map(by_bucket),
+                "image_failed": loaded[_LoadImages.FAILED] | "BucketImageFailures" >> beam.Map(by_bucket),
+                "encode_failed": encode_failed | "BucketEncoderFailures" >> beam.Map(by_bucket),
             }
             | "JoinVectors" >> beam.CoGroupByKey()
             | "AssembleItems" >> beam.ParDo(_Assemble(self._reject_on_image_error)).with_outputs(
                 REJECTED, DEGRADED, main="items")
         )
         return {"items": joined.items, REJECTED: joined[REJECTED], DEGRADED: joined[DEGRADED]}
-
-
-# ---------------------------------------------------------------------------
-# FuseEmbeddings
 
 
 class _Fuse(beam.DoFn):
@@ -358,19 +427,14 @@ class _Holder:
 
 
 class FuseEmbeddings(beam.PTransform):
-    """EncodedItem -> IndexedItem with the fused, L2-normalised vector (see embedding/fusion.py)."""
+    """Batches of EncodedItem -> IndexedItem with the fused, L2-normalised vector (embedding/fusion.py)."""
 
-    def __init__(self, spec: fus.FusionSpec, batch_size: int = 256):
+    def __init__(self, spec: fus.FusionSpec):
         super().__init__()
         self._spec = spec
-        self._batch_size = batch_size
 
-    def expand(self, items):
-        results = (
-            items
-            | "BatchItems" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
-            | "FuseVectors" >> beam.ParDo(_Fuse(self._spec)).with_outputs(REJECTED, main="items")
-        )
+    def expand(self, batches):
+        results = batches | "FuseVectors" >> beam.ParDo(_Fuse(self._spec)).with_outputs(REJECTED, main="items")
         return {"items": results.items, REJECTED: results[REJECTED]}
 
 

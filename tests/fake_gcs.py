@@ -6,8 +6,10 @@ Like GCS it has no directories: ``mkdirs`` does nothing and renames create
 parents implicitly.
 """
 
+import glob
 import os
 import posixpath
+import shutil
 
 from apache_beam.io.filesystem import FileMetadata, MatchResult
 from apache_beam.io.localfilesystem import LocalFileSystem
@@ -43,10 +45,13 @@ class FakeGcsFileSystem(LocalFileSystem):
         pass
 
     def match(self, patterns, limits=None):
-        results = super().match([self._local(p) for p in patterns], limits)
-        return [MatchResult(p, [FileMetadata(self._remote(m.path), m.size_in_bytes, m.last_updated_in_seconds)
-                                for m in r.metadata_list if os.path.isfile(m.path)])
-                for p, r in zip(patterns, results)]
+        # Object-store semantics: a glob over object names; "dir/**" lists every object below dir/.
+        results = []
+        for pattern in patterns:
+            found = sorted(p for p in glob.glob(self._local(pattern), recursive=True) if os.path.isfile(p))
+            results.append(MatchResult(pattern, [
+                FileMetadata(self._remote(p), os.path.getsize(p), os.path.getmtime(p)) for p in found]))
+        return results
 
     def create(self, path, *args, **kwargs):
         return super().create(self._local(path), *args, **kwargs)
@@ -54,30 +59,38 @@ class FakeGcsFileSystem(LocalFileSystem):
     def open(self, path, *args, **kwargs):
         return super().open(self._local(path), *args, **kwargs)
 
+    # The rest is implemented here rather than delegated: LocalFileSystem calls
+    # its own match() with local paths internally.
     def copy(self, sources, destinations):
-        return super().copy([self._local(s) for s in sources], [self._local(d) for d in destinations])
+        for src, dst in zip(sources, destinations):
+            os.makedirs(os.path.dirname(self._local(dst)), exist_ok=True)
+            shutil.copyfile(self._local(src), self._local(dst))
 
     def rename(self, sources, destinations):
-        for d in destinations:
-            os.makedirs(os.path.dirname(self._local(d)), exist_ok=True)
-        return super().rename([self._local(s) for s in sources], [self._local(d) for d in destinations])
+        for src, dst in zip(sources, destinations):
+            os.makedirs(os.path.dirname(self._local(dst)), exist_ok=True)
+            os.rename(self._local(src), self._local(dst))
 
     def exists(self, path):
         return os.path.isfile(self._local(path))  # objects only: a "directory" prefix does not exist
 
     def size(self, path):
-        return super().size(self._local(path))
+        return os.path.getsize(self._local(path))
 
     def last_updated(self, path):
-        return super().last_updated(self._local(path))
+        return os.path.getmtime(self._local(path))
 
     def checksum(self, path):
-        return super().checksum(self._local(path))
+        return str(os.path.getsize(self._local(path)))
 
     def metadata(self, path):
-        m = super().metadata(self._local(path))
-        return FileMetadata(path, m.size_in_bytes, m.last_updated_in_seconds)
+        local = self._local(path)
+        return FileMetadata(path, os.path.getsize(local), os.path.getmtime(local))
 
     def delete(self, paths):
-        local = [self._local(p) for p in paths]
-        return super().delete([p for p in local if os.path.exists(p)])
+        for path in paths:
+            local = self._local(path)
+            if os.path.isdir(local):
+                shutil.rmtree(local)
+            elif os.path.exists(local):
+                os.remove(local)

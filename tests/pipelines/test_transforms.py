@@ -10,6 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from embedding import fusion as fus
+from pipelines import shards as shd
 from pipelines import transforms as tr
 from schemas import rejected as rej
 
@@ -51,6 +52,27 @@ def test_deduplicate_keeps_first_file_then_lowest_row():
                     label="CheckDuplicates")
 
 
+def test_batch_items_cuts_sorted_batches_per_bucket():
+    rows = [row(f"i{k:02d}") for k in reversed(range(23))]
+
+    def check(batches):
+        ids = [r.item_id for _, batch in batches for r in batch]
+        assert sorted(ids) == sorted(r.item_id for r in rows)  # every item exactly once
+        for bucket, batch in batches:
+            batch_ids = [r.item_id for r in batch]
+            assert 1 <= len(batch) <= 4 and batch_ids == sorted(batch_ids)
+            assert {shd.stable_shard(i, 3) for i in batch_ids} == {bucket}
+        per_bucket = {}
+        for bucket, batch in batches:
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + len(batch)
+        # Only the last batch of a bucket may be short.
+        assert len(batches) == sum(-(-n // 4) for n in per_bucket.values())
+
+    with TestPipeline() as p:
+        batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=4)
+        assert_that(batches, check, label="CheckBatches")
+
+
 def _png(path, colour):
     Image.new("RGB", (20, 20), colour).save(path)
     return str(path)
@@ -71,8 +93,9 @@ def test_encode_items_degrades_or_rejects_bad_images(tmp_path, tiny_encoders):
 
     for reject_on_error in (False, True):
         with TestPipeline() as p:
-            out = p | beam.Create(rows) | tr.EncodeItems(text, image, (32, 32), batch_size=2,
-                                                          reject_on_image_error=reject_on_error)
+            batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2)
+            out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=2,
+                                           reject_on_image_error=reject_on_error)
             expected = [("text-only", (64,), None), ("both", (64,), (48,)), ("image-only", None, (48,))]
             rejected = [("bad-image-no-title", rej.IMAGE_FETCH_FAILED)]
             degraded = [("bad-image", rej.IMAGE_DECODE_FAILED)]
@@ -80,7 +103,8 @@ def test_encode_items_degrades_or_rejects_bad_images(tmp_path, tiny_encoders):
                 rejected, degraded = rejected + degraded, []
             else:
                 expected.append(("bad-image", (64,), None))
-            assert_that(out["items"] | beam.Map(shape), equal_to(expected), label="CheckEncoded")
+            assert_that(out["items"] | beam.FlatMap(lambda batch: map(shape, batch)), equal_to(expected),
+                        label="CheckEncoded")
             assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.reason)), equal_to(rejected),
                         label="CheckRejected")
             assert_that(out[tr.DEGRADED] | beam.Map(lambda r: (r.item_id, r.reason)), equal_to(degraded),
@@ -95,7 +119,7 @@ def test_fuse_embeddings_normalises_and_rejects_empty_vectors():
         tr.EncodedItem(row("zero"), np.zeros(3, np.float32), None),
     ]
     with TestPipeline() as p:
-        out = p | beam.Create(items) | tr.FuseEmbeddings(spec, batch_size=2)
+        out = p | beam.Create([items[:2], items[2:]]) | tr.FuseEmbeddings(spec)
         assert_that(out["items"] | beam.Map(lambda it: (it.item_id, round(float(np.linalg.norm(it.embedding)), 5),
                                                          it.embedding.shape)),
                     equal_to([("a", 1.0, (8,)), ("b", 1.0, (8,))]), label="CheckFused")
@@ -104,8 +128,6 @@ def test_fuse_embeddings_normalises_and_rejects_empty_vectors():
 
 
 def test_write_annoy_shards_writes_every_shard(tmp_path):
-    from pipelines import shards as shd
-
     rng = np.random.default_rng(0)
     vecs = fus.l2_normalize(rng.normal(size=(40, 8)))
     items = [shd.IndexedItem(f"i{k}", None, None, None, vecs[k]) for k in range(40)]
