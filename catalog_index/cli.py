@@ -23,21 +23,36 @@ def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+class _DropKnownNoise(logging.Filter):
+    # Beam's RunInference warns on every batch when its optional torch-based model
+    # manager is not installed ("Resource module is not available ..."): not ours to act on.
+    def filter(self, record):
+        return "memory usage cannot be fetched" not in record.getMessage()
+
+
 def _setup_logging():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropKnownNoise())
     for noisy in ("apache_beam", "absl", "tensorflow", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _index(argv):
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     from pipelines import index_pipeline
     from pipelines.options import IndexOptions
 
     if "-h" in argv or "--help" in argv:
-        PipelineOptions(["--help"]).view_as(IndexOptions)  # argparse prints help and exits
+        import argparse
+
+        parser = argparse.ArgumentParser(
+            prog="catalog-index index", description="Build and publish one index version from a catalog.",
+            epilog="Any Beam pipeline flag (--runner, --direct_num_workers, --direct_running_mode, Dataflow "
+                   "flags such as --project, --region, --temp_location) passes through to PipelineOptions.")
+        IndexOptions._add_argparse_args(parser)
+        parser.print_help()
+        return 0
     result = index_pipeline.run(argv)
     print(result.summary())
     return 0

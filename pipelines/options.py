@@ -45,6 +45,8 @@ class IndexOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
+        # Dashed flags also answer to Beam's underscore style (and to Flex Template
+        # parameter names, which cannot contain dashes).
         parser.add_argument("--catalog", help="Catalog Parquet path or glob (local, gs://, any Beam filesystem).")
         parser.add_argument("--output", help="Output root; the run writes OUTPUT/<version>/ and OUTPUT/LATEST.")
         parser.add_argument("--version", dest="index_version", default=None,
@@ -52,27 +54,29 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--shards", type=int, default=1, help="Number of Annoy shards.")
         parser.add_argument("--dimension", type=int, default=None,
                             help="Fused vector size (default 256, or the fusion model's output size).")
-        parser.add_argument("--text-encoder", dest="text_encoder", default=None,
+        parser.add_argument("--text-encoder", "--text_encoder", dest="text_encoder", default=None,
                             help="Text encoder: TF Hub handle or SavedModel path (1-D tf.string in).")
-        parser.add_argument("--image-encoder", dest="image_encoder", default=None,
+        parser.add_argument("--image-encoder", "--image_encoder", dest="image_encoder", default=None,
                             help="Image encoder: TF Hub handle or SavedModel path (float32 [b,h,w,3] in [0,1]).")
-        parser.add_argument("--image-size", dest="image_size", type=int, default=None,
+        parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                             help="Square input size for image encoders whose signature leaves it open (224).")
-        parser.add_argument("--fusion-model", dest="fusion_model", default=None,
+        parser.add_argument("--fusion-model", "--fusion_model", dest="fusion_model", default=None,
                             help="Fusion SavedModel (see embedding/fusion.py); default: seeded projection.")
-        parser.add_argument("--text-weight", dest="text_weight", type=float, default=1.0)
-        parser.add_argument("--image-weight", dest="image_weight", type=float, default=1.0)
+        parser.add_argument("--text-weight", "--text_weight", dest="text_weight", type=float, default=1.0)
+        parser.add_argument("--image-weight", "--image_weight", dest="image_weight", type=float, default=1.0)
         parser.add_argument("--trees", type=int, default=10, help="Annoy trees per shard.")
         parser.add_argument("--seed", type=int, default=0, help="Seed of the projection and the Annoy builds.")
-        parser.add_argument("--batch-size", dest="batch_size", type=int, default=32,
+        parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32,
                             help="Largest encoder batch.")
-        parser.add_argument("--max-rejected-fraction", dest="max_rejected_fraction", type=float, default=0.05,
+        parser.add_argument("--max-rejected-fraction", "--max_rejected_fraction", dest="max_rejected_fraction",
+                            type=float, default=0.05,
                             help="Fail before publication when more than this fraction of rows is rejected.")
-        parser.add_argument("--reject-on-image-error", dest="reject_on_image_error", action="store_true",
+        parser.add_argument("--reject-on-image-error", "--reject_on_image_error", dest="reject_on_image_error",
+                            action="store_true",
                             help="Reject items whose image fails instead of indexing them from text.")
-        parser.add_argument("--max-image-pixels", dest="max_image_pixels", type=int,
+        parser.add_argument("--max-image-pixels", "--max_image_pixels", dest="max_image_pixels", type=int,
                             default=images.DEFAULT_MAX_PIXELS, help="Larger images are refused undecoded.")
-        parser.add_argument("--large-model", dest="large_model", action="store_true",
+        parser.add_argument("--large-model", "--large_model", dest="large_model", action="store_true",
                             help="Load one encoder copy per machine, shared by its processes.")
         parser.add_argument("--force", action="store_true",
                             help="Replace an already published version of the same name.")

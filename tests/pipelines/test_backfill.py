@@ -1,0 +1,60 @@
+"""`catalog-index backfill`: one version per date, skipping published dates, failures isolated."""
+
+import os
+
+import pytest
+
+from catalog_index import cli
+from catalog_index import sample
+from catalog_index.errors import ConfigError
+from pipelines import backfill
+
+
+@pytest.fixture(scope="module")
+def dated_catalogs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dated")
+    for date, seed in (("2026-11-01", 1), ("2026-11-03", 3)):  # 2026-11-02 is missing on purpose
+        sample.generate_catalog(str(root / f"dt={date}"), n_items=30, seed=seed, bad_rows=False, n_files=1)
+    return str(root / "dt={date}" / "catalog" / "*.parquet")
+
+
+def test_backfill_publishes_each_date_and_isolates_failures(dated_catalogs, tiny_encoders, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["backfill", "--catalog-pattern", dated_catalogs, "--from", "2026-11-01", "--to", "2026-11-03",
+            "--output", str(out), "--text-encoder", tiny_encoders[0], "--image-encoder", tiny_encoders[1],
+            "--shards", "2"]
+    assert cli.main(args) == 1  # one date has no catalog
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2026-11-01  published") and "indexed 30" in lines[0]
+    assert lines[1].startswith("2026-11-02  failed") and "matches no file" in lines[1]
+    assert lines[2].startswith("2026-11-03  published")
+    assert lines[3] == "backfill: 2 of 3 date(s) ok, 1 failed"
+    assert (out / "LATEST").read_text().strip() == "2026-11-03"
+    assert sorted(os.listdir(out)) == ["2026-11-01", "2026-11-03", "LATEST"]
+
+    first = (out / "2026-11-01" / "manifest.json").read_bytes()
+    assert cli.main(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2026-11-01  skipped") and lines[2].startswith("2026-11-03  skipped")
+    assert (out / "2026-11-01" / "manifest.json").read_bytes() == first  # untouched
+
+    assert cli.main(args[:5] + ["--to", "2026-11-01"] + args[7:] + ["--force"]) == 0
+    assert "2026-11-01  published" in capsys.readouterr().out
+    assert (out / "2026-11-01" / "manifest.json").read_bytes() != first  # rebuilt (new created_at)
+    assert (out / "LATEST").read_text().strip() == "2026-11-03"  # LATEST never moves back
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--catalog-pattern", "c/*.parquet", "--from", "2026-11-01", "--to", "2026-11-02", "--output", "o"],
+         "must contain {date}"),
+        (["--catalog-pattern", "c/{date}/*", "--from", "2026-11-02", "--to", "2026-11-01", "--output", "o"],
+         "is before --from"),
+        (["--catalog-pattern", "c/{date}/*", "--from", "2026-11-01", "--to", "2026-11-01", "--output", "o",
+          "--version", "x"], "sets --version itself"),
+    ],
+)
+def test_backfill_argument_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        backfill.run(argv)
