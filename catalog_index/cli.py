@@ -35,7 +35,7 @@ def _setup_logging():
                         datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropKnownNoise())
-    for noisy in ("apache_beam", "absl", "tensorflow", "root"):
+    for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "urllib3", "google"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import re
+import uuid
 from typing import Optional
 
 import pyarrow.parquet as pq
@@ -122,7 +123,8 @@ class IndexOptions(PipelineOptions):
             output=output,
             version=version,
             version_dir=version_dir,
-            staging_dir=files.join(output, STAGING_DIR, version),
+            # A run id keeps two runs of the same version from writing over each other's work.
+            staging_dir=files.join(output, STAGING_DIR, f"{version}.{uuid.uuid4().hex[:8]}"),
             text_encoder=text,
             image_encoder=image,
             fusion=fusion,
