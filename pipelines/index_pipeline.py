@@ -1,9 +1,9 @@
 """The index pipeline: catalog Parquet -> fused vectors -> sharded Annoy indexes, published atomically.
 
-    ReadCatalog | ValidateItems | DeduplicateItems | EncodeItems | FuseEmbeddings | WriteAnnoyShards
-                                                                       ... | PublishIndex
+    ReadCatalog | ValidateItems | DeduplicateItems | BatchItems | EncodeItems | FuseEmbeddings
+                | WriteAnnoyShards | PublishIndex
 
-Everything is written below ``OUTPUT/_staging/<version>/`` first. ``PublishIndex``
+Everything is written below ``OUTPUT/_staging/<version>.<run id>/`` first. ``PublishIndex``
 runs once all of it is complete: it checks the accounting and the rejected
 fraction, verifies every shard's checksum, moves the files to
 ``OUTPUT/<version>/``, writes ``manifest.json`` and then ``OUTPUT/LATEST``. A

@@ -1,6 +1,7 @@
 """The index pipeline's composite transforms.
 
-    ReadCatalog | ValidateItems | DeduplicateItems | EncodeItems | FuseEmbeddings | WriteAnnoyShards
+    ReadCatalog | ValidateItems | DeduplicateItems | BatchItems | EncodeItems | FuseEmbeddings
+                | WriteAnnoyShards
 
 Every row read leaves exactly one of two ways: as an indexed item in a shard,
 or as a ``Rejection`` (with a stable reason code from ``schemas.rejected``).
