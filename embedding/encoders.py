@@ -12,6 +12,7 @@ handle string.
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from typing import Any, Iterable, Optional, Sequence
 
@@ -108,23 +109,48 @@ def _static_image_size(model) -> Optional[tuple]:
     return None
 
 
+_models = {}
+_models_lock = threading.Lock()
+
+
+def _load_model(handle: str, kind: str):
+    """hub.load, once per process and handle.
+
+    The launcher loads each model to validate it; on the DirectRunner the
+    pipeline then runs in the same process and reuses that copy instead of
+    loading it again (seconds, and a second copy in memory, for a large model).
+    """
+    with _models_lock:
+        if handle not in _models:
+            import tensorflow_hub as hub
+
+            try:
+                _models[handle] = hub.load(handle)
+            except Exception as e:
+                raise EncoderError(
+                    f"cannot load {kind} encoder {handle!r}: {brief(e)}. "
+                    f"Pass a TF Hub handle or a SavedModel directory."
+                ) from e
+        return _models[handle]
+
+
+def _forget_model(handle: str) -> None:
+    # TensorFlow 2.21 leaves a restored function's lock held when its inputs do
+    # not match the signature (polymorphic_function.py, Function._call), so the
+    # model deadlocks on its next call. A model that failed a probe is dropped.
+    with _models_lock:
+        _models.pop(handle, None)
+
+
 class Encoder:
     """A loaded encoder: maps a batch of strings or images to float32 vectors."""
 
     def __init__(self, handle: str, kind: str, image_size: Optional[Sequence[int]] = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        import tensorflow_hub as hub
-
         self.handle = handle
         self.kind = kind
-        try:
-            self._model = hub.load(handle)
-        except Exception as e:
-            raise EncoderError(
-                f"cannot load {kind} encoder {handle!r}: {brief(e)}. "
-                f"Pass a TF Hub handle or a SavedModel directory."
-            ) from e
+        self._model = _load_model(handle, kind)
         if callable(self._model):
             self._fn = self._model
         elif "serving_default" in getattr(self._model, "signatures", {}):
@@ -171,8 +197,10 @@ class Encoder:
         try:
             return int(self.encode(sample).shape[1])
         except EncoderError:
+            _forget_model(self.handle)
             raise
         except Exception as e:
+            _forget_model(self.handle)
             raise EncoderError(
                 f"{self.kind} encoder {self.handle!r} failed on a probe input: {brief(e)}. "
                 + (

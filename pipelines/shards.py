@@ -109,8 +109,15 @@ def write_shard(items: Sequence[IndexedItem], index: int, num_shards: int, dim: 
     )
 
     def vectors(values):
-        return pa.array([None if v is None else np.asarray(v, np.float32) for v in values],
-                        pa.list_(pa.float32()))
+        # One flat float32 buffer plus offsets: no per-item Arrow objects (a 1M-item
+        # shard spent ~9 s converting vectors one by one).
+        present = [v is not None for v in values]
+        lengths = np.array([len(v) if p else 0 for v, p in zip(values, present)], np.int64)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        flat = [np.asarray(v, np.float32) for v, p in zip(values, present) if p]
+        data = pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float32))
+        mask = pa.array(~np.array(present, bool)) if not all(present) else None
+        return pa.ListArray.from_arrays(offsets, data, pa.list_(pa.float32()), mask=mask)
 
     table = pa.Table.from_arrays(
         [

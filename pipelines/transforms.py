@@ -370,9 +370,12 @@ class EncodeItems(beam.PTransform):
             | "FlattenEncoderFailures" >> beam.Flatten()
             | "ExplodeFailedBatches" >> beam.FlatMap(_failed_batch)
         )
+        # The join needs ids, titles and provenance, not the descriptions: leave them behind.
+        slim = batches | "DropDescriptions" >> beam.Map(
+            lambda b: (b[0], [r._replace(description=None) for r in b[1]]))
         joined = (
             {
-                "batch": batches,
+                "batch": slim,
                 "text": text_vectors | "BucketTexts" >> beam.Map(by_bucket),
                 "image": image_vectors | "BucketImages" >> beam.Map(by_bucket),
                 "image_failed": loaded[_LoadImages.FAILED] | "BucketImageFailures" >> beam.Map(by_bucket),
@@ -459,9 +462,11 @@ class _BuildShard(beam.DoFn):
 
 
 class WriteAnnoyShards(beam.PTransform):
-    """Assigns items to shards by stable hash and builds every shard in parallel.
+    """Assigns items to shards by stable hash and builds each shard as one Beam element.
 
-    Every shard 0..N-1 is written, empty ones included, so readers can rely on N files.
+    Shards build in parallel across workers (one shard's items must fit in one
+    worker's memory). Every shard 0..N-1 is written, empty ones included, so
+    readers can rely on N files.
     """
 
     def __init__(self, version_dir: str, num_shards: int, dim: int, trees: int, seed: int):

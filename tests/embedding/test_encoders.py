@@ -49,3 +49,13 @@ def test_model_handler_encodes_batches_one_vector_per_example(tiny_encoders):
     vecs = ih.run_inference(images, ih.load_model())
     assert [v.shape for v in vecs] == [(48,), (48,)]
     assert ih.get_num_bytes(images) == 2 * 32 * 32 * 3 * 4
+
+
+def test_a_failed_probe_does_not_poison_later_loads(tiny_encoders):
+    # TensorFlow keeps a restored function locked after a signature mismatch;
+    # the failed model must not be reused from the per-process cache.
+    text, image = tiny_encoders
+    with pytest.raises(EncoderError):
+        enc.Encoder(image, enc.TEXT).probe()
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    assert enc.Encoder(image, enc.IMAGE).encode(images).shape == (2, 48)
