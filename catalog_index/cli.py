@@ -2,6 +2,7 @@
 
     catalog-index index    --catalog GLOB --output DIR [...] [Beam flags]
     catalog-index backfill --catalog-pattern P --from D --to D --output DIR [...]
+    catalog-index models   {list,build,export --to DIR_OR_GS}
     catalog-index sample   --output DIR   (a generated catalog and tiny encoders)
 """
 
@@ -9,10 +10,11 @@ import logging
 import os
 import sys
 
-USAGE = """usage: catalog-index {index,backfill,sample} [options]
+USAGE = """usage: catalog-index {index,backfill,models,sample} [options]
 
   index      build and publish one index version from a catalog
   backfill   build one version per date from a dated catalog pattern
+  models     list, build or export the built-in pretrained encoders
   sample     write a generated sample catalog and tiny encoders (no network)
 
 Run `catalog-index COMMAND --help` for the options of a command."""
@@ -69,6 +71,38 @@ def _backfill(argv):
     return 1 if failed else 0
 
 
+def _models(argv):
+    import argparse
+
+    from embedding import builtin
+
+    parser = argparse.ArgumentParser(prog="catalog-index models",
+                                     description="Built-in pretrained encoders (converted on first use, offline).")
+    parser.add_argument("--model-cache", "--model_cache", dest="model_cache", default=None,
+                        help=f"cache folder (default ${builtin.CACHE_ENV} or ~/.cache/catalog-index/models)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="list the built-in models and whether they are built")
+    build = sub.add_parser("build", help="convert models into the cache now")
+    build.add_argument("names", nargs="*", help="model names (default: all)")
+    export = sub.add_parser("export", help="copy built models to a folder or bucket for workers")
+    export.add_argument("--to", required=True, help="destination folder, local or gs://")
+    export.add_argument("names", nargs="*", help="model names (default: all)")
+    args = parser.parse_args(argv)
+    names = [n.removeprefix(builtin.PREFIX) for n in getattr(args, "names", [])] or list(builtin.MODELS)
+    if args.action == "list":
+        for m in builtin.MODELS.values():
+            path = builtin.model_path(m.name, args.model_cache)
+            state = "built" if os.path.exists(os.path.join(path, ".complete")) else "not built"
+            print(f"{builtin.PREFIX + m.name:30s} {m.kind:5s} {m.output_dim:5d}-d  {state:9s}  {m.description}")
+    elif args.action == "build":
+        for name in names:
+            print(f"{builtin.PREFIX + name}: {builtin.ensure_built(name, args.model_cache)}")
+    else:
+        for handle, path in builtin.export(names, args.to, args.model_cache).items():
+            print(f"{handle}: {path}")
+    return 0
+
+
 def _sample(argv):
     from catalog_index import sample
 
@@ -76,7 +110,7 @@ def _sample(argv):
     return 0
 
 
-COMMANDS = {"index": _index, "backfill": _backfill, "sample": _sample}
+COMMANDS = {"index": _index, "backfill": _backfill, "models": _models, "sample": _sample}
 
 
 def main(argv=None) -> int:

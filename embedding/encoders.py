@@ -21,6 +21,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
 from catalog_index.errors import EncoderError, brief
+from embedding import builtin
 
 TEXT = "text"
 IMAGE = "image"
@@ -45,8 +46,13 @@ def _tf():
     return tf
 
 
-def resolve_handle(handle: str) -> str:
-    """Returns the local (or gs://) directory holding the SavedModel of a handle."""
+def resolve_handle(handle: str, model_cache: Optional[str] = None) -> str:
+    """Returns the local (or gs://) directory holding the SavedModel of a handle.
+
+    ``builtin:NAME`` handles resolve to the model cache, building the model on first use.
+    """
+    if builtin.is_builtin(handle):
+        return builtin.ensure_built(handle, model_cache)
     import tensorflow_hub as hub
 
     try:
@@ -113,7 +119,7 @@ _models = {}
 _models_lock = threading.Lock()
 
 
-def _load_model(handle: str, kind: str):
+def _load_model(handle: str, kind: str, model_cache: Optional[str] = None):
     """hub.load, once per process and handle.
 
     The launcher loads each model to validate it; on the DirectRunner the
@@ -124,8 +130,9 @@ def _load_model(handle: str, kind: str):
         if handle not in _models:
             import tensorflow_hub as hub
 
+            path = builtin.ensure_built(handle, model_cache) if builtin.is_builtin(handle) else handle
             try:
-                _models[handle] = hub.load(handle)
+                _models[handle] = hub.load(path)
             except Exception as e:
                 raise EncoderError(
                     f"cannot load {kind} encoder {handle!r}: {brief(e)}. "
@@ -145,12 +152,16 @@ def _forget_model(handle: str) -> None:
 class Encoder:
     """A loaded encoder: maps a batch of strings or images to float32 vectors."""
 
-    def __init__(self, handle: str, kind: str, image_size: Optional[Sequence[int]] = None):
+    def __init__(self, handle: str, kind: str, image_size: Optional[Sequence[int]] = None,
+                 model_cache: Optional[str] = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if builtin.is_builtin(handle) and builtin.lookup(handle).kind != kind:
+            raise EncoderError(f"{handle} is a built-in {builtin.lookup(handle).kind} encoder, "
+                               f"not a {kind} encoder")
         self.handle = handle
         self.kind = kind
-        self._model = _load_model(handle, kind)
+        self._model = _load_model(handle, kind, model_cache)
         if callable(self._model):
             self._fn = self._model
         elif "serving_default" in getattr(self._model, "signatures", {}):
@@ -228,13 +239,14 @@ class EncoderSpec:
         return out
 
 
-def inspect_encoder(handle: str, kind: str, image_size: Optional[Sequence[int]] = None) -> EncoderSpec:
+def inspect_encoder(handle: str, kind: str, image_size: Optional[Sequence[int]] = None,
+                    model_cache: Optional[str] = None) -> EncoderSpec:
     """Loads and probes an encoder at launch so a bad one fails before any work starts."""
     if not handle:
         raise EncoderError(f"no {kind} encoder given: pass --{kind}-encoder HANDLE_OR_PATH")
-    encoder = Encoder(handle, kind, image_size)
+    encoder = Encoder(handle, kind, image_size, model_cache)
     dim = encoder.probe()
-    return EncoderSpec(kind, handle, dim, fingerprint(resolve_handle(handle)), encoder.image_size)
+    return EncoderSpec(kind, handle, dim, fingerprint(resolve_handle(handle, model_cache)), encoder.image_size)
 
 
 class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
@@ -244,9 +256,10 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
     """
 
     def __init__(self, handle: str, kind: str, image_size=None, min_batch_size=1, max_batch_size=32,
-                 large_model=False):
+                 large_model=False, model_cache=None):
         super().__init__()
         self._handle = handle
+        self._model_cache = model_cache
         self._kind = kind
         self._image_size = tuple(image_size) if image_size else None
         self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
@@ -256,7 +269,7 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
 
     def load_model(self) -> Encoder:
         start = time.perf_counter()
-        encoder = Encoder(self._handle, self._kind, self._image_size)
+        encoder = Encoder(self._handle, self._kind, self._image_size, self._model_cache)
         _log.info("loaded %s encoder %s in %.1fs", self._kind, self._handle, time.perf_counter() - start)
         return encoder
 

@@ -211,7 +211,8 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     encoded = batches | "EncodeItems" >> tr.EncodeItems(
         plan.text_encoder.handle, plan.image_encoder.handle, plan.image_encoder.image_size, buckets,
         max_pixels=opts.max_image_pixels,
-        reject_on_image_error=opts.reject_on_image_error, large_model=opts.large_model)
+        reject_on_image_error=opts.reject_on_image_error, large_model=opts.large_model,
+        model_cache=opts.model_cache)
     fused = encoded["items"] | "FuseEmbeddings" >> tr.FuseEmbeddings(plan.fusion)
     shards = fused["items"] | "WriteAnnoyShards" >> tr.WriteAnnoyShards(
         staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed)

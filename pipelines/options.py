@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from catalog_index.errors import CatalogSchemaError, ConfigError, brief
+from embedding import builtin
 from embedding import encoders as enc
 from embedding import fusion as fus
 from embedding import images
@@ -55,10 +56,17 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--shards", type=int, default=1, help="Number of Annoy shards.")
         parser.add_argument("--dimension", type=int, default=None,
                             help="Fused vector size (default 256, or the fusion model's output size).")
-        parser.add_argument("--text-encoder", "--text_encoder", dest="text_encoder", default=None,
-                            help="Text encoder: TF Hub handle or SavedModel path (1-D tf.string in).")
-        parser.add_argument("--image-encoder", "--image_encoder", dest="image_encoder", default=None,
-                            help="Image encoder: TF Hub handle or SavedModel path (float32 [b,h,w,3] in [0,1]).")
+        parser.add_argument("--text-encoder", "--text_encoder", dest="text_encoder",
+                            default=builtin.DEFAULT_TEXT_ENCODER,
+                            help="Text encoder: builtin:NAME, TF Hub handle or SavedModel path (1-D tf.string in). "
+                                 f"Default {builtin.DEFAULT_TEXT_ENCODER}.")
+        parser.add_argument("--image-encoder", "--image_encoder", dest="image_encoder",
+                            default=builtin.DEFAULT_IMAGE_ENCODER,
+                            help="Image encoder: builtin:NAME, TF Hub handle or SavedModel path "
+                                 f"(float32 [b,h,w,3] in [0,1]). Default {builtin.DEFAULT_IMAGE_ENCODER}.")
+        parser.add_argument("--model-cache", "--model_cache", dest="model_cache", default=None,
+                            help="Folder of built-in models converted on first use "
+                                 f"(default ${builtin.CACHE_ENV} or ~/.cache/catalog-index/models).")
         parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                             help="Square input size for image encoders whose signature leaves it open (224).")
         parser.add_argument("--fusion-model", "--fusion_model", dest="fusion_model", default=None,
@@ -112,8 +120,8 @@ class IndexOptions(PipelineOptions):
 
         catalog_files, catalog_rows = match_catalog(self.catalog)
         size = (self.image_size, self.image_size) if self.image_size else None
-        text = enc.inspect_encoder(self.text_encoder, enc.TEXT)
-        image = enc.inspect_encoder(self.image_encoder, enc.IMAGE, size)
+        text = enc.inspect_encoder(self.text_encoder, enc.TEXT, model_cache=self.model_cache)
+        image = enc.inspect_encoder(self.image_encoder, enc.IMAGE, size, model_cache=self.model_cache)
         fusion = fus.inspect_fusion(self.fusion_model, text.output_dim, image.output_dim, self.dimension,
                                     self.text_weight, self.image_weight, self.seed)
         return IndexPlan(

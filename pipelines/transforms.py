@@ -340,14 +340,14 @@ class EncodeItems(beam.PTransform):
 
     def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int,
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, reject_on_image_error: bool = False,
-                 large_model: bool = False):
+                 large_model: bool = False, model_cache: Optional[str] = None):
         super().__init__()
         # Batches are formed upstream (BatchItems), so RunInference must not re-batch.
-        self._text = KeyedModelHandler(
-            enc.EncoderModelHandler(text_encoder, enc.TEXT, large_model=large_model)).with_no_batching()
-        self._image = KeyedModelHandler(
-            enc.EncoderModelHandler(image_encoder, enc.IMAGE, image_size=image_size,
-                                    large_model=large_model)).with_no_batching()
+        self._text = KeyedModelHandler(enc.EncoderModelHandler(
+            text_encoder, enc.TEXT, large_model=large_model, model_cache=model_cache)).with_no_batching()
+        self._image = KeyedModelHandler(enc.EncoderModelHandler(
+            image_encoder, enc.IMAGE, image_size=image_size, large_model=large_model,
+            model_cache=model_cache)).with_no_batching()
         self._image_size = tuple(image_size)
         self._num_buckets = num_buckets
         self._max_pixels = max_pixels
