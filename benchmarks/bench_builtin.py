@@ -1,0 +1,159 @@
+"""Speed of the built-in encoders, alone and inside `catalog-index index`, on real photos.
+
+1. Each encoder alone, in one process, models already loaded: texts/s of
+   builtin:minilm-l6-v2 and builtin:use-multilingual-v3 on the Grocery train
+   texts (title + description), images/s of builtin:efficientnet-lite0 on
+   preprocessed 224x224 arrays; batch 32 and 64; median of 3 passes.
+2. The bare image encoder over the 2,640 Grocery train photos in a fresh
+   process (decode + resize with embedding.images, encode in batches of 32),
+   against `catalog-index index` on the same photos as a catalog (default
+   built-in encoders, 4 shards, DirectRunner), run alternately in the same
+   session; ratio = pipeline items/s / bare image items/s, median over repeats.
+   Both walls include process start-up and model loading.
+
+    .venv/bin/python benchmarks/bench_builtin.py [--repeats 3] [--skip-alone] [--json OUT]
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import _grocery  # noqa: E402
+import _measure  # noqa: E402
+
+
+def _texts(rows):
+    from pipelines.transforms import CatalogRow, item_text
+
+    return [item_text(CatalogRow(r["item_id"], r["title"], r["description"], None, "", 0)) for r in rows]
+
+
+def child_alone(n_texts, n_images):
+    import numpy as np
+
+    from embedding import encoders as enc
+    from embedding.images import load_image
+
+    rows = _grocery.split("train")
+    texts = _texts(rows)[:n_texts]
+    out = {}
+    for handle in ("builtin:minilm-l6-v2", "builtin:use-multilingual-v3"):
+        e = enc.Encoder(handle, enc.TEXT)
+        e.encode(texts[:8])
+        for batch in (32, 64):
+            rates = []
+            for _ in range(3):
+                t = time.perf_counter()
+                for i in range(0, len(texts), batch):
+                    e.encode(texts[i:i + batch])
+                rates.append(len(texts) / (time.perf_counter() - t))
+            out[f"{handle} texts/s batch {batch}"] = _measure.median(rates)
+    e = enc.Encoder("builtin:efficientnet-lite0", enc.IMAGE)
+    arrays = np.stack([load_image(r["image_uri"], e.image_size) for r in rows[:n_images]])
+    e.encode(arrays[:8])
+    for batch in (32, 64):
+        rates = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for i in range(0, len(arrays), batch):
+                e.encode(arrays[i:i + batch])
+            rates.append(len(arrays) / (time.perf_counter() - t))
+        out[f"builtin:efficientnet-lite0 images/s batch {batch}"] = _measure.median(rates)
+    print("RESULT " + json.dumps(out))
+
+
+def child_bare():
+    import numpy as np
+
+    from embedding import encoders as enc
+    from embedding.images import load_image
+
+    rows = _grocery.split("train")
+    e = enc.Encoder("builtin:efficientnet-lite0", enc.IMAGE)
+    t = time.perf_counter()
+    for i in range(0, len(rows), 32):
+        e.encode(np.stack([load_image(r["image_uri"], e.image_size) for r in rows[i:i + 32]]))
+    print("RESULT " + json.dumps({"inner_s": time.perf_counter() - t, "items": len(rows)}))
+
+
+def write_catalog(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _grocery.split("train")
+    cols = ("item_id", "title", "description", "image_uri")
+    pq.write_table(pa.Table.from_pylist([{c: r[c] for c in cols} for r in rows]), path)
+    return len(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-alone", action="store_true")
+    parser.add_argument("--texts", type=int, default=512)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--json")
+    parser.add_argument("--child", choices=["alone", "bare"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    _grocery.require_dataset()
+    if args.child == "alone":
+        return child_alone(args.texts, args.images)
+    if args.child == "bare":
+        return child_bare()
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    py = sys.executable
+    exe = os.path.join(os.path.dirname(py), "catalog-index")
+    subprocess_models = [exe, "models", "build"]  # build once, outside any measurement
+    _measure.run_measured(subprocess_models, env=env)
+    report = {"machine": _measure.machine_facts(), "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_alone:
+        r = _measure.run_measured([py, __file__, "--child", "alone", "--texts", str(args.texts),
+                                   "--images", str(args.images)], env=env)
+        line = [x for x in r["output"].splitlines() if x.startswith("RESULT ")]
+        if r["rc"] != 0 or not line:
+            sys.exit(r["output"][-3000:])
+        report["alone"] = json.loads(line[-1][7:])
+        for key, value in report["alone"].items():
+            print(f"{key:48s} {value:8.1f}")
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-builtin-") as work:
+        catalog = os.path.join(work, "grocery.parquet")
+        n = write_catalog(catalog)
+        for rep in range(args.repeats):
+            bare = _measure.run_measured([py, __file__, "--child", "bare"], env=env)
+            line = [x for x in bare["output"].splitlines() if x.startswith("RESULT ")]
+            if bare["rc"] != 0 or not line:
+                sys.exit(bare["output"][-3000:])
+            inner = json.loads(line[-1][7:])["inner_s"]
+            pipe = _measure.run_measured([exe, "index", "--catalog", catalog, "--output", os.path.join(work, "out"),
+                                          "--shards", "4", "--version", f"r{rep}"], env=env)
+            if pipe["rc"] != 0:
+                sys.exit(pipe["output"][-3000:])
+            run = {"bare_wall_s": bare["wall_s"], "bare_inner_s": inner, "bare_maxrss_mib": bare["maxrss_mib"],
+                   "pipe_wall_s": pipe["wall_s"], "pipe_maxrss_mib": pipe["maxrss_mib"],
+                   "ratio": (n / pipe["wall_s"]) / (n / bare["wall_s"])}
+            runs.append(run)
+            print(f"rep {rep}: bare {bare['wall_s']:.1f}s ({n / bare['wall_s']:.1f} items/s, inner {inner:.1f}s), "
+                  f"pipeline {pipe['wall_s']:.1f}s ({n / pipe['wall_s']:.1f} items/s), ratio {run['ratio']:.3f}")
+    med = {k: _measure.median([r[k] for r in runs]) for k in runs[0]}
+    report.update(items=n, runs=runs, median=med)
+    print(f"median over {len(runs)}: bare {n / med['bare_wall_s']:.1f} items/s, pipeline "
+          f"{n / med['pipe_wall_s']:.1f} items/s, ratio {med['ratio']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
