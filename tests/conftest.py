@@ -32,3 +32,14 @@ def grocery_dir():
     if not os.path.isdir(path):
         pytest.skip(f"shared Grocery Store data not found at {path}; it is optional (see ../shared/data/README.md)")
     return path
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """One model cache for the whole session: each built-in model is converted at most once.
+
+    Honours $CATALOG_INDEX_MODEL_CACHE when set, so repeated local runs reuse built models.
+    """
+    from embedding import builtin
+
+    return os.environ.get(builtin.CACHE_ENV) or str(tmp_path_factory.mktemp("model-cache"))

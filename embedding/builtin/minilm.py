@@ -5,7 +5,9 @@
 SavedModel that follows TF Hub's text-embedding convention, exactly like
 ``embedding/tiny.py``::
 
-    model = tensorflow_hub.load(export_dir)
+    build("/tmp/minilm")                                # -> "/tmp/minilm"
+    import tensorflow_text                              # registers the WordPiece/normalisation ops
+    model = tensorflow_hub.load("/tmp/minilm")
     model(tf.constant(["red apple juice 1l"]))          # -> float32 [1, 384]
     model.signatures["serving_default"](inputs=...)     # -> {"default": [b, 384]}
     model.tokenize(tf.constant([...]))                  # -> {"input_ids", "input_mask"} (int64/int32 [b, len])
@@ -35,12 +37,21 @@ Everything from raw UTF-8 text to the vector runs in the graph:
    model's ``modules.json`` ends with a ``Normalize`` module).
 
 Inference is deterministic; no file outside ``export_dir`` is read at load time.
+Loading the SavedModel needs the TensorFlow Text ops registered
+(``import tensorflow_text``) in the loading process, as for TF Hub's own BERT
+preprocessing models.
+
+Token ids equal those of the model's ``tokenizer.json`` (HF tokenizers) on every
+tested input except a few hundred rare code points of scripts encoded after
+Unicode ~9 (marks and punctuation of Indic and historic scripts), whose
+character categories differ between tokenizers' tables and RE2/ICU's.
 """
 
 import importlib.util
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -64,7 +75,8 @@ _CJK = "|".join(
     rf"[\x{{{a}}}-\x{{{b}}}]"
     for a, b in (
         ("4E00", "9FFF"), ("3400", "4DBF"), ("20000", "2A6DF"), ("2A700", "2B73F"),
-        ("2B740", "2B81F"), ("2B820", "2CEAF"), ("F900", "FAFF"), ("2F800", "2FA1F"),
+        # 2B920, not 2B820: tokenizers' (Rust) table, which the model's tokenizer uses.
+        ("2B740", "2B81F"), ("2B920", "2CEAF"), ("F900", "FAFF"), ("2F800", "2FA1F"),
     )
 )
 _KEEP_PATTERN = f"{_PUNCTUATION}|{_CJK}"
@@ -163,7 +175,8 @@ def _read_config(folder: str) -> dict:
     }
 
 
-def _read_vocab_ids(path: str) -> dict:
+def _read_vocab_ids(path: str):
+    """({token: id}, number of lines) of a WordPiece vocab file."""
     with open(path, encoding="utf-8") as f:
         tokens = f.read().split("\n")
     if tokens and tokens[-1] == "":
@@ -185,7 +198,8 @@ def _load_weights(folder: str, cfg: dict) -> dict:
         if name not in w:
             raise EncoderError(f"model.safetensors lacks {name!r}")
         value = np.asarray(w[name], dtype=np.float32)
-        if value.shape != tuple(shape):
+        # None in shape: any size along that axis.
+        if len(value.shape) != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
             raise EncoderError(f"model.safetensors {name!r} has shape {value.shape}, expected {tuple(shape)}")
         return value
 
@@ -193,10 +207,9 @@ def _load_weights(folder: str, cfg: dict) -> dict:
     out = {
         "word": get("embeddings.word_embeddings.weight", (cfg["vocab_size"], h)),
         # Only the positions the graph can reach are kept.
-        "position": get("embeddings.position_embeddings.weight", (w["embeddings.position_embeddings.weight"].shape[0], h))[
-            : cfg["max_seq_length"]
-        ],
-        "token_type0": get("embeddings.token_type_embeddings.weight", (w["embeddings.token_type_embeddings.weight"].shape[0], h))[0],
+        "position": get("embeddings.position_embeddings.weight", (None, h))[: cfg["max_seq_length"]],
+        # Token types are all 0 for a single sentence: only row 0 is used.
+        "token_type0": get("embeddings.token_type_embeddings.weight", (None, h))[0],
         "emb_ln_g": get("embeddings.LayerNorm.weight", (h,)),
         "emb_ln_b": get("embeddings.LayerNorm.bias", (h,)),
         "layers": [],
@@ -224,6 +237,53 @@ def _load_weights(folder: str, cfg: dict) -> dict:
             }
         )
     return out
+
+
+# Special tokens written in the text are tokens of their own, as HF matches its
+# added tokens (case-sensitive, not normalised) before normalising the rest.
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# While the text is normalised they stand as private-use characters (which the
+# normaliser otherwise removes, as HF does).
+_MARKER_BASE = 0xE000
+
+
+def split_words(texts):
+    """[b] tf.string -> ragged [b, (words)]: normalised words, ready for WordPiece.
+
+    Mirrors tokenizers' added-token matching, ``BertNormalizer(clean_text,
+    handle_chinese_chars, strip_accents=None, lowercase)``, ``BertPreTokenizer`` and
+    WordPiece's ``max_input_chars_per_word`` (a longer word becomes ``[UNK]``).
+    """
+    import tensorflow as tf
+    import tensorflow_text as tf_text
+
+    # Invalid UTF-8 -> U+FFFD (removed below), as Python would never see it.
+    texts = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+    # Private-use characters are removed by the normaliser anyway; turn them into
+    # another removed character first so that they cannot pass for markers.
+    texts = tf.strings.regex_replace(texts, r"\p{Co}", "\u200b")
+    for i, token in enumerate(SPECIAL_TOKENS):
+        texts = tf.strings.regex_replace(texts, re.escape(token), f" {chr(_MARKER_BASE + i)} ")
+    # clean_text: \t\n\r -> space; NUL, U+FFFD and category C (control, format;
+    # private use went above) removed; every other whitespace -> space.
+    texts = tf.strings.regex_replace(texts, r"[\t\n\r]", " ")
+    texts = tf.strings.regex_replace(texts, r"[\x{0}\x{FFFD}\p{Cc}\p{Cf}\p{Cs}]", "")
+    texts = tf.strings.regex_replace(texts, r"\p{Z}", " ")
+    # strip_accents (NFD, drop non-spacing marks), then lowercase, in that order.
+    texts = tf_text.normalize_utf8(texts, "NFD")
+    texts = tf.strings.regex_replace(texts, r"\p{Mn}", "")
+    # tokenizers lower-cases character by character; ICU's string lower-casing
+    # would turn a word-final capital sigma into "ς" instead of "σ".
+    texts = tf.strings.regex_replace(texts, "Σ", "σ")
+    texts = tf.strings.lower(texts, encoding="utf-8")
+
+    words = tf_text.regex_split(texts, _SPLIT_PATTERN, _KEEP_PATTERN)
+    flat = words.flat_values
+    n_chars = tf.strings.length(flat, unit="UTF8_CHAR")
+    flat = tf.where(n_chars > MAX_CHARS_PER_WORD, tf.constant("[UNK]"), flat)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        flat = tf.where(tf.equal(flat, chr(_MARKER_BASE + i)), tf.constant(token), flat)
+    return words.with_flat_values(flat)
 
 
 def _module_class():
@@ -282,33 +342,9 @@ def _module_class():
             self.layers = [_Layer(w, i) for i, w in enumerate(weights["layers"])]
 
         # ---- tokenisation -------------------------------------------------
-        def _normalize_text(self, texts):
-            # Invalid UTF-8 -> U+FFFD (removed below), as Python would never see it.
-            texts = tf.strings.unicode_transcode(
-                texts, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD
-            )
-            # tokenizers' BertNormalizer(clean_text): \t\n\r -> space; NUL, U+FFFD and
-            # category C (control, format, private use) removed; other whitespace -> space.
-            texts = tf.strings.regex_replace(texts, r"[\t\n\r]", " ")
-            texts = tf.strings.regex_replace(texts, r"[\x{0}\x{FFFD}\p{Cc}\p{Cf}\p{Co}\p{Cs}]", "")
-            texts = tf.strings.regex_replace(texts, r"\p{Z}", " ")
-            # strip_accents (NFD, drop Mn), then lowercase, in that order.
-            texts = tf_text.normalize_utf8(texts, "NFD")
-            texts = tf.strings.regex_replace(texts, r"\p{Mn}", "")
-            # tokenizers lower-cases character by character; ICU's string lower-casing
-            # would turn a word-final capital sigma into "ς" instead of "σ".
-            texts = tf.strings.regex_replace(texts, "Σ", "σ")
-            return tf.strings.lower(texts, encoding="utf-8")
-
         def _token_ids(self, texts):
             """int64 [b, len] ids ([CLS] pieces [SEP] [PAD]...) and int32 [b, len] mask."""
-            words = tf_text.regex_split(
-                self._normalize_text(texts), _SPLIT_PATTERN, _KEEP_PATTERN
-            )  # [b, (words)]
-            n_chars = tf.strings.length(words.flat_values, unit="UTF8_CHAR")
-            words = words.with_flat_values(
-                tf.where(n_chars > MAX_CHARS_PER_WORD, tf.constant("[UNK]"), words.flat_values)
-            )
+            words = split_words(texts)  # [b, (words)]
             pieces = self._wordpiece.tokenize(words).merge_dims(1, 2)  # [b, (pieces)]
             pieces = pieces[:, : self._max_pieces]
             batch = pieces.nrows()

