@@ -16,7 +16,8 @@ SavedModel that follows TF Hub's text-embedding convention, exactly like
 Everything from raw UTF-8 text to the vector runs in the graph:
 
 1. BERT normalisation, as Hugging Face ``BertTokenizerFast`` (tokenizers'
-   ``BertNormalizer``) does it for this model: invalid UTF-8 -> U+FFFD;
+   ``BertNormalizer``) does it for this model: special tokens written in the
+   text (``[MASK]``, ``[SEP]``..., case-sensitive) stay tokens; invalid UTF-8 -> U+FFFD;
    U+0000, U+FFFD and control/format characters (category C, except
    ``\\t\\n\\r``) are removed; whitespace becomes a space; NFD and removal of
    non-spacing marks (accent stripping); per-character lower-casing.
