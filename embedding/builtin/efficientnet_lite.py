@@ -272,11 +272,6 @@ class EfficientNetLite0(tf.Module):
     def classify(self, inputs):
         return {"logits": self.logits(self.features(inputs))}
 
-    @tf.function(input_signature=_SIGNATURE)
-    def features_and_logits(self, inputs):
-        features = self.features(inputs)
-        return {"default": features, "logits": self.logits(features)}
-
 
 def load_module(weights: Optional[str] = None) -> EfficientNetLite0:
     """The converted model in memory (no SavedModel), from ``weights`` or the installed package."""

@@ -6,7 +6,6 @@ the parity check against the PyTorch reference needs torch and
 efficientnet_lite_pytorch (skipped when either is missing).
 """
 
-import importlib.util
 import os
 import time
 
