@@ -44,7 +44,8 @@ def check_catalog_schema(schema: pa.Schema, source: str) -> list:
                 )
             continue
         field = schema.field(index)
-        if field.type not in _STRING_TYPES:
+        # A writer that saw only nulls in an optional column types it "null"; its values read as None.
+        if field.type not in _STRING_TYPES and not (field.type == pa.null() and not required):
             raise CatalogSchemaError(
                 f"{source}: column {name!r} has type {field.type}, expected string "
                 f"(cast it to string when writing the catalog)"

@@ -25,3 +25,10 @@ def test_wrong_type_names_file_and_column(column):
     fields = [(name, pa.int64() if name == column else pa.string()) for name in cat.COLUMNS]
     with pytest.raises(CatalogSchemaError, match=rf"x\.parquet: column '{column}' has type int64"):
         cat.check_catalog_schema(pa.schema(fields), "x.parquet")
+
+
+def test_all_null_optional_column_is_accepted_but_not_item_id():
+    schema = pa.schema([("item_id", pa.string()), ("description", pa.null()), ("image_uri", pa.null())])
+    assert cat.check_catalog_schema(schema, "f.parquet") == ["item_id", "description", "image_uri"]
+    with pytest.raises(CatalogSchemaError, match="column 'item_id' has type null"):
+        cat.check_catalog_schema(pa.schema([("item_id", pa.null())]), "f.parquet")
