@@ -36,8 +36,17 @@ class PublicationError(CatalogIndexError):
     """The run produced output that must not be published (failed checks or limits)."""
 
 
+_NOISE = ("Detected at node", "<stack traces", "[[", "Graph execution error")
+
+
 def brief(exc: BaseException, limit: int = 300) -> str:
-    """'Type: first line of the message', cut to ``limit``: TensorFlow errors run to pages."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    """'Type: the telling line of the message', cut to ``limit``.
+
+    TensorFlow errors run to pages and open with a generic header ("Graph
+    execution error:") and node traces; the line that says what went wrong
+    comes after them.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    telling = [line for line in lines if not line.startswith(_NOISE)]
+    text = f"{type(exc).__name__}: {(telling or lines or [''])[0]}"
     return text if len(text) <= limit else text[: limit - 3] + "..."

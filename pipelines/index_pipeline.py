@@ -210,6 +210,7 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     batches = unique["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size)
     encoded = batches | "EncodeItems" >> tr.EncodeItems(
         plan.text_encoder.handle, plan.image_encoder.handle, plan.image_encoder.image_size, buckets,
+        batch_size=opts.batch_size,
         max_pixels=opts.max_image_pixels,
         reject_on_image_error=opts.reject_on_image_error, large_model=opts.large_model,
         model_cache=opts.model_cache)

@@ -9,6 +9,7 @@ Items indexed without their image additionally produce a degraded record.
 """
 
 import dataclasses
+import hashlib
 import logging
 from typing import NamedTuple, Optional, Sequence
 
@@ -282,18 +283,102 @@ class _LoadImages(beam.DoFn):
             yield loaded
 
 
-def _texts(element):
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _texts_by_key(element):
     _, rows = element
-    batch = [(r.item_id, item_text(r)) for r in rows if item_text(r) is not None]
-    return [batch] if batch else []
+    for r in rows:
+        text = item_text(r)
+        if text is not None:
+            yield text_key(text), (r.item_id, text)
+
+
+def _cut_text_batches(element, batch_size):
+    # Sorted by length so a batch pads to similar lengths (shuffled lengths halved
+    # MiniLM's throughput on the Grocery texts), then by key for a stable order.
+    _, texts = element
+    texts = sorted(texts, key=lambda kt: (len(kt[1]), kt[0]))
+    for start in range(0, len(texts), batch_size):
+        yield texts[start:start + batch_size]
+
+
+def _fan_out_texts(element):
+    """(text key, {items, vector, failed}) -> (item_id, vector) per item, or its failure."""
+    _, joined = element
+    (members,) = joined["items"]
+    if joined["failed"]:
+        for item_id in members:
+            yield beam.pvalue.TaggedOutput(_EncodeTexts.FAILED, (item_id, joined["failed"][0]))
+    elif joined["vector"]:
+        for item_id in members:
+            yield item_id, joined["vector"][0]
+
+
+class _EncodeTexts(beam.PTransform):
+    """Encodes each distinct text once, in deterministic length-sorted batches.
+
+    Catalogs repeat texts (variants sharing a title and description; the
+    Grocery train split has 81 distinct texts for 2,640 items), and the text
+    encoder costs as much as the image encoder, so identical texts are grouped
+    by sha256 and encoded once. Outputs (item_id, vector) and, tagged FAILED,
+    (item_id, (reason, message)).
+    """
+
+    FAILED = "failed"
+
+    def __init__(self, handler, num_buckets, batch_size):
+        super().__init__()
+        self._handler = handler
+        self._num_buckets = num_buckets
+        self._batch_size = batch_size
+
+    def expand(self, batches):
+        nb = self._num_buckets
+        by_text = (
+            batches
+            | "KeyTexts" >> beam.FlatMap(_texts_by_key)
+            | "GroupByText" >> beam.GroupByKey()
+        )
+        unique_batches = (
+            by_text
+            | "KeyTextBuckets" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % nb, (kv[0], next(iter(kv[1]))[1])))
+            | "GroupTextBuckets" >> beam.GroupByKey()
+            | "CutTextBatches" >> beam.FlatMap(_cut_text_batches, self._batch_size)
+        )
+        vectors, dlq = unique_batches | "RunTextEncoder" >> RunInference(self._handler).with_exception_handling()
+        return (
+            {
+                "items": by_text | "ListItems" >> beam.Map(lambda kv: (kv[0], [item_id for item_id, _ in kv[1]])),
+                "vector": vectors,
+                "failed": dlq.failed_inferences | "ExplodeFailedTexts" >> beam.FlatMap(_failed_batch),
+            }
+            | "JoinTextVectors" >> beam.CoGroupByKey()
+            | "FanOutTexts" >> beam.FlatMap(_fan_out_texts).with_outputs(self.FAILED, main="vectors")
+        )
+
+
+def _failure_text(exc) -> str:
+    """Beam's dead letter holds (type, repr, formatted traceback), not the exception itself."""
+    if isinstance(exc, BaseException):
+        return brief(exc, 1000)
+    if isinstance(exc, tuple) and len(exc) == 3:
+        kind, _, trace = exc
+        last = "".join(trace[-1:]) if isinstance(trace, (list, tuple)) else str(trace)
+        # The last traceback entry reads "module.Type: message ..."; keep the message.
+        head, _, message = last.partition(": ")
+        name = getattr(kind, "__name__", head.rsplit(".", 1)[-1])
+        return f"{name}: {brief(Exception(message or last), 1000).split(': ', 1)[1]}"
+    return str(exc)[:1000]
 
 
 def _failed_batch(element):
-    """RunInference DLQ entry (batch of (item_id, input), exception) -> one failure per item."""
+    """RunInference DLQ entry (batch of (key, input), exception) -> one failure per key."""
     batch, exc = element
-    message = f"encoder failed on a batch of {len(batch)}: {brief(exc, 1000)}"
-    for item_id, _ in batch:
-        yield item_id, (rej.ENCODER_FAILED, message)
+    message = f"encoder failed on a batch of {len(batch)}: {_failure_text(exc)}"
+    for key, _ in batch:
+        yield key, (rej.ENCODER_FAILED, message)
 
 
 class _Assemble(beam.DoFn):
@@ -338,7 +423,7 @@ class EncodeItems(beam.PTransform):
     per batch, "rejected": Rejection, "degraded": Rejection}.
     """
 
-    def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int,
+    def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int, batch_size: int = 32,
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, reject_on_image_error: bool = False,
                  large_model: bool = False, model_cache: Optional[str] = None):
         super().__init__()
@@ -350,6 +435,7 @@ class EncodeItems(beam.PTransform):
             model_cache=model_cache)).with_no_batching()
         self._image_size = tuple(image_size)
         self._num_buckets = num_buckets
+        self._batch_size = batch_size
         self._max_pixels = max_pixels
         self._reject_on_image_error = reject_on_image_error
 
@@ -359,16 +445,15 @@ class EncodeItems(beam.PTransform):
         def by_bucket(kv):
             return shd.stable_shard(kv[0], nb), kv
 
-        texts = batches | "SelectTexts" >> beam.FlatMap(_texts)
-        text_vectors, text_dlq = texts | "EncodeTexts" >> RunInference(self._text).with_exception_handling()
+        texts = batches | "EncodeTexts" >> _EncodeTexts(self._text, nb, self._batch_size)
         loaded = batches | "LoadImages" >> beam.ParDo(
             _LoadImages(self._image_size, self._max_pixels)).with_outputs(_LoadImages.FAILED, main="arrays")
         image_vectors, image_dlq = (
             loaded.arrays | "EncodeImages" >> RunInference(self._image).with_exception_handling())
         encode_failed = (
-            (text_dlq.failed_inferences, image_dlq.failed_inferences)
+            (texts[_EncodeTexts.FAILED],
+             image_dlq.failed_inferences | "ExplodeFailedImages" >> beam.FlatMap(_failed_batch))
             | "FlattenEncoderFailures" >> beam.Flatten()
-            | "ExplodeFailedBatches" >> beam.FlatMap(_failed_batch)
         )
         # The join needs ids, titles and provenance, not the descriptions: leave them behind.
         slim = batches | "DropDescriptions" >> beam.Map(
@@ -376,7 +461,7 @@ class EncodeItems(beam.PTransform):
         joined = (
             {
                 "batch": slim,
-                "text": text_vectors | "BucketTexts" >> beam.Map(by_bucket),
+                "text": texts.vectors | "BucketTexts" >> beam.Map(by_bucket),
                 "image": image_vectors | "BucketImages" >> beam.Map(by_bucket),
                 "image_failed": loaded[_LoadImages.FAILED] | "BucketImageFailures" >> beam.Map(by_bucket),
                 "encode_failed": encode_failed | "BucketEncoderFailures" >> beam.Map(by_bucket),

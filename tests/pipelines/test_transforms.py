@@ -140,3 +140,51 @@ def test_write_annoy_shards_writes_every_shard(tmp_path):
     for k, n in expected.items():
         ids = pq.read_table(tmp_path / "shards" / f"shard-{k:05d}-of-00005.ids.parquet").column("item_id")
         assert len(ids) == n and all(shd.stable_shard(i, 5) == k for i in ids.to_pylist())
+
+
+def test_identical_texts_are_encoded_once(tiny_encoders):
+    from apache_beam.metrics.metric import MetricsFilter
+
+    text, image = tiny_encoders
+    rows = [row(f"v{k}", "blue jeans, slim fit", description="cotton") for k in range(6)] + [row("other", "red hat")]
+    p = TestPipeline()
+    batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=2)
+    out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=3, batch_size=2)
+    assert_that(out["items"] | beam.FlatMap(lambda b: [(it.row.item_id, it.text_embedding.tobytes()) for it in b])
+                | beam.Map(lambda kv: ("other" if kv[0] == "other" else "variant", kv[1]))
+                | beam.Distinct() | beam.Map(lambda kv: kv[0]),
+                equal_to(["variant", "other"]), label="OneVectorPerDistinctText")
+    result = p.run()
+    result.wait_until_finish()
+    sizes = result.metrics().query(MetricsFilter().with_name("text_encoder_batch_size"))["distributions"]
+    assert sum(d.committed.sum for d in sizes) == 2  # two distinct texts reached the encoder
+
+
+def _failing_text_encoder(path):
+    """A real SavedModel text encoder that fails on any batch containing the word 'boom'."""
+    import tensorflow as tf
+
+    class Failing(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def __call__(self, texts):
+            ok = tf.logical_not(tf.reduce_any(tf.strings.regex_full_match(texts, ".*boom.*")))
+            with tf.control_dependencies([tf.debugging.Assert(ok, ["boom in batch"])]):
+                return tf.ones([tf.shape(texts)[0], 4]) * 0.5
+
+    module = Failing()
+    tf.saved_model.save(module, path)
+    return path
+
+
+def test_encoder_failures_reject_the_batch_items(tmp_path, tiny_encoders):
+    text = _failing_text_encoder(str(tmp_path / "failing"))
+    rows = [row("good", "plain title"), row("bad", "boom goes the title")]
+    with TestPipeline() as p:
+        batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=1)
+        out = batches | tr.EncodeItems(text, tiny_encoders[1], (32, 32), num_buckets=1, batch_size=1)
+        assert_that(out["items"] | beam.FlatMap(lambda b: [it.row.item_id for it in b]), equal_to(["good"]),
+                    label="CheckEncoded")
+        assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.reason, r.message)),
+                    equal_to([("bad", rej.ENCODER_FAILED, "encoder failed on a batch of 1: "
+                                                          "InvalidArgumentError: assertion failed: [boom in batch]")]),
+                    label="CheckRejected")
