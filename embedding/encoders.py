@@ -131,9 +131,14 @@ def _load_model(handle: str, kind: str, model_cache: Optional[str] = None):
             import tensorflow_hub as hub
 
             path = builtin.ensure_built(handle, model_cache) if builtin.is_builtin(handle) else handle
-            _register_text_ops()
             try:
-                _models[handle] = hub.load(path)
+                try:
+                    _models[handle] = hub.load(path)
+                except Exception as e:
+                    # Loaded only when a model needs its ops: it costs ~120 MB per process.
+                    if "Op type not registered" not in str(e) or not _register_text_ops():
+                        raise
+                    _models[handle] = hub.load(path)
             except Exception as e:
                 raise EncoderError(
                     f"cannot load {kind} encoder {handle!r}: {brief(e)}. "
@@ -142,13 +147,17 @@ def _load_model(handle: str, kind: str, model_cache: Optional[str] = None):
         return _models[handle]
 
 
-def _register_text_ops() -> None:
-    # Text models with tokenisation in the graph (the built-in ones, and many TF Hub
-    # preprocessors) use tensorflow-text ops, which exist only once it is imported.
+def _register_text_ops() -> bool:
+    """Imports tensorflow-text; returns whether it is installed.
+
+    Text models with tokenisation in the graph (the built-in ones, and many TF
+    Hub preprocessors) use its ops, which exist only once it is imported.
+    """
     try:
         import tensorflow_text  # noqa: F401
     except ImportError:
-        pass
+        return False
+    return True
 
 
 def _forget_model(handle: str) -> None:

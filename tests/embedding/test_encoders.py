@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,21 @@ def test_a_failed_probe_does_not_poison_later_loads(tiny_encoders):
         enc.Encoder(image, enc.TEXT).probe()
     images = np.zeros((2, 32, 32, 3), np.float32)
     assert enc.Encoder(image, enc.IMAGE).encode(images).shape == (2, 48)
+
+
+def test_fresh_process_loads_a_model_that_needs_tensorflow_text(builtin_cache, tmp_path):
+    # A worker loads an exported model by path with nothing imported beforehand; the
+    # encoder must register tensorflow-text's ops itself when the model needs them.
+    import subprocess
+    import sys
+
+    from embedding import builtin
+
+    path = builtin.ensure_built("builtin:use-multilingual-v3", builtin_cache)
+    code = ("import sys, numpy as np; from embedding.encoders import Encoder; "
+            "v = Encoder(sys.argv[1], 'text').encode(['red apple juice']); "
+            "print(v.shape, round(float(np.linalg.norm(v)), 4))")
+    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("(1, 512) 1.0")
