@@ -324,8 +324,11 @@ def main(argv=None) -> int:
     expected = info["expected"]
     print(f"catalog: {info['catalog_glob']} ({info['rows']} rows in {len(info['files'])} files)")
     print(f"expected: indexed={expected['indexed']} rejected={expected['rejected']} degraded={expected['degraded']}")
-    print(f"text encoder: {text}")
-    print(f"image encoder: {image}")
+    print(f"tiny text encoder: {text}")
+    print(f"tiny image encoder: {image}")
+    print(f"index it:  catalog-index index --catalog '{info['catalog_glob']}' --output "
+          f"{os.path.join(os.path.abspath(args.output), 'index')}   (built-in encoders; add "
+          f"--text-encoder {text} --image-encoder {image} for the tiny ones)")
     return 0
 
 
