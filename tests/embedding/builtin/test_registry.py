@@ -1,6 +1,5 @@
 """The built-in model cache: build once, safe under concurrent starts, exportable, loaded like any handle."""
 
-import multiprocessing
 import os
 
 import numpy as np
@@ -31,15 +30,28 @@ def tiny_builtin(monkeypatch, tmp_path):
     return str(tmp_path / "cache"), log
 
 
-def _ensure(args):
-    return builtin.ensure_built(*args)
+_CHILD = """
+import sys
+from embedding import builtin
+builtin.MODELS["tiny-text"] = builtin.BuiltinModel(
+    "tiny-text", "text", "tests.embedding.builtin.test_registry:counting_build", 16, "(tests)", "tiny")
+print(builtin.ensure_built("builtin:tiny-text", sys.argv[1]))
+"""
 
 
 def test_concurrent_first_use_builds_once(tiny_builtin):
+    # Separate processes (not forks: TensorFlow does not survive fork), started together.
+    import subprocess
+    import sys
+
     cache, log = tiny_builtin
-    with multiprocessing.get_context("fork").Pool(3) as pool:
-        paths = pool.map(_ensure, [("builtin:tiny-text", cache)] * 3)
-    assert len(set(paths)) == 1 and paths[0] == builtin.model_path("builtin:tiny-text", cache)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, cache], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-1000:] for _, err in outs]
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert paths == {builtin.model_path("builtin:tiny-text", cache)}
     assert len(os.listdir(log)) == 1  # one build, the other processes waited and reused it
     assert sorted(os.listdir(cache)) == ["tiny-text-v1", "tiny-text.lock"]  # no temp folders left
     builtin.ensure_built("builtin:tiny-text", cache)
