@@ -48,11 +48,14 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def write_atomically(path: str, data: bytes) -> None:
-    """Writes to a temporary name, then renames, so readers never see a partial file."""
+    """Writes to a temporary name, then renames over ``path``.
+
+    Readers see the old content or the new, never a partial file and never no
+    file: a local rename replaces the target atomically, and an object store's
+    rename (copy, then delete the source) overwrites it in one object write.
+    """
     tmp = f"{path}.tmp-{hashlib.sha256(data).hexdigest()[:12]}"
     write_bytes(tmp, data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
 
 
