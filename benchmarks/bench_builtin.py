@@ -36,6 +36,17 @@ def _texts(rows):
     return [item_text(CatalogRow(r["item_id"], r["title"], r["description"], None, "", 0)) for r in rows]
 
 
+def _rate(encoder, inputs, batch):
+    """Median over 3 passes of inputs/s through encoder.encode in batches of ``batch``."""
+    rates = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for i in range(0, len(inputs), batch):
+            encoder.encode(inputs[i:i + batch])
+        rates.append(len(inputs) / (time.perf_counter() - t))
+    return _measure.median(rates)
+
+
 def child_alone(n_texts, n_images):
     import numpy as np
 
@@ -49,24 +60,12 @@ def child_alone(n_texts, n_images):
         e = enc.Encoder(handle, enc.TEXT)
         e.encode(texts[:8])
         for batch in (32, 64):
-            rates = []
-            for _ in range(3):
-                t = time.perf_counter()
-                for i in range(0, len(texts), batch):
-                    e.encode(texts[i:i + batch])
-                rates.append(len(texts) / (time.perf_counter() - t))
-            out[f"{handle} texts/s batch {batch}"] = _measure.median(rates)
+            out[f"{handle} texts/s batch {batch}"] = _rate(e, texts, batch)
     e = enc.Encoder("builtin:efficientnet-lite0", enc.IMAGE)
     arrays = np.stack([load_image(r["image_uri"], e.image_size) for r in rows[:n_images]])
     e.encode(arrays[:8])
     for batch in (32, 64):
-        rates = []
-        for _ in range(3):
-            t = time.perf_counter()
-            for i in range(0, len(arrays), batch):
-                e.encode(arrays[i:i + batch])
-            rates.append(len(arrays) / (time.perf_counter() - t))
-        out[f"builtin:efficientnet-lite0 images/s batch {batch}"] = _measure.median(rates)
+        out[f"builtin:efficientnet-lite0 images/s batch {batch}"] = _rate(e, arrays, batch)
     print("RESULT " + json.dumps(out))
 
 

@@ -129,9 +129,7 @@ def move_tree(src_dir: str, dst_dir: str, files: Iterable[str]) -> None:
         if not FileSystems.exists(src) and FileSystems.exists(dst):
             continue
         mkdirs(posixpath.dirname(dst))
-        if FileSystems.exists(dst):
-            FileSystems.delete([dst])
-        FileSystems.rename([src], [dst])
+        FileSystems.rename([src], [dst])  # replaces dst, as in write_atomically
 
 
 def delete_tree(directory: str) -> None:
