@@ -1,0 +1,86 @@
+"""Command-line flags: unknown or misspelt ones are an error before any work.
+
+Beam's PipelineOptions discards a flag it does not know with a warning, so
+``--shardz 4`` would publish one shard and exit 0. Every command checks its
+flags here first: app flags and every Beam/runner flag are accepted, anything
+else raises UsageError with Beam's "did you mean" suggestion.
+"""
+
+import argparse
+import difflib
+from typing import Iterable, Optional
+
+from catalog_index.errors import UsageError
+
+
+def _suggest(flag: str, known: Iterable[str]) -> str:
+    name = flag.split("=", 1)[0]
+    close = difflib.get_close_matches(name, sorted(set(known)), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown(unknown: list, known: Iterable[str], prog: str) -> None:
+    flag = next((a for a in unknown if a.startswith("-")), unknown[0] if unknown else None)
+    if flag is None:
+        return
+    known = list(known)
+    if flag.startswith("-"):
+        raise UsageError(f"unknown flag {flag.split('=', 1)[0]}{_suggest(flag, known)} "
+                         f"(see `{prog} --help`)")
+    raise UsageError(f"unexpected argument {flag!r} (see `{prog} --help`)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, rest = self.parse_known_args(args, namespace)
+        if rest:
+            _unknown(rest, self._known(), self.prog)
+        return parsed
+
+    def _known(self):
+        out = []
+        for action in self._actions:
+            out.extend(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    out.extend(o for a in sub._actions for o in a.option_strings)
+        return out
+
+
+def check_pipeline_flags(argv: list, prog: str, extra: Optional[argparse.ArgumentParser] = None) -> None:
+    """Raises UsageError for any flag that neither the app nor any Beam PipelineOptions class knows."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    import pipelines.options  # noqa: F401 - registers IndexOptions as a PipelineOptions subclass
+
+    class Parser(_BeamArgumentParser):
+        def error(self, message):  # a bad value (--shards x): one line, not usage and SystemExit
+            raise UsageError(f"{message} (see `{prog} --help`)")
+
+    parser = Parser(allow_abbrev=False)
+    seen = set()
+
+    def add(cls):
+        for sub in cls.__subclasses__():
+            if sub.__name__ not in seen:
+                seen.add(sub.__name__)
+                try:
+                    sub._add_argparse_args(parser)  # pylint: disable=protected-access
+                except argparse.ArgumentError:
+                    pass  # a class registered twice (reloaded module): its flags are there already
+                add(sub)
+
+    add(PipelineOptions)
+    known = [o for action in parser._actions for o in action.option_strings]
+    if extra is not None:
+        known += [o for action in extra._actions for o in action.option_strings]
+    _, unknown = parser.parse_known_args(list(argv))
+    if extra is not None and unknown:
+        _, unknown = extra.parse_known_args(unknown)
+    if unknown:
+        _unknown(unknown, known, prog)

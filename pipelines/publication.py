@@ -1,0 +1,304 @@
+"""Publishing, verifying and collecting releases (the layout is in schemas/layout.py).
+
+- ``verify_release`` checks one release against its manifest: schema and
+  accounting, the size and sha256 of every file, row counts, no extra file. The
+  publisher runs it before any pointer moves; ``catalog-index verify`` runs the same.
+- ``switch_pointers`` moves ``<version>/CURRENT`` and then ``LATEST`` by
+  compare-and-swap, under the output root's lease; LATEST only to a later snapshot.
+- ``collect_garbage`` removes abandoned and replaced releases and old versions.
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import signal
+from typing import List, Optional, Tuple
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from catalog_index.errors import PublicationError, VerificationError
+from pipelines import cas
+from pipelines import files
+from schemas import layout
+from schemas import manifest as mf
+
+_log = logging.getLogger(__name__)
+
+FAILPOINT_ENV = "CATALOG_INDEX_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """Test hook: SIGKILL this process at the named publication step ($CATALOG_INDEX_FAILPOINT).
+
+    The fault-injection tests use it to kill a real run at an exact step; unset, it costs one dict lookup.
+    """
+    if os.environ.get(FAILPOINT_ENV) == name:
+        _log.warning("failpoint %s: killing this process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parquet_rows(path: str) -> int:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+# --------------------------------------------------------------------------- reading pointers
+
+
+def read_pointer(path: str) -> Tuple[Optional[layout.Pointer], object]:
+    """(pointer or None, CAS token) of LATEST or a CURRENT file."""
+    data, token = cas.store_for(path).read(path)
+    if data is None:
+        return None, token
+    return layout.Pointer.loads(data, path), token
+
+
+def resolve(output: str, version: Optional[str] = None) -> layout.Pointer:
+    """The release a reader should load: LATEST's, or ``version``'s CURRENT."""
+    output = output.rstrip("/")
+    path = files.join(output, version, layout.CURRENT_FILE) if version else files.join(output, layout.LATEST_FILE)
+    if version:
+        layout.check_version_name(version)
+    pointer, _ = read_pointer(path)
+    if pointer is None:
+        what = f"version {version!r} is not published" if version else "nothing is published yet (no LATEST)"
+        raise VerificationError(f"{output}: {what}")
+    return pointer
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclasses.dataclass
+class Verified:
+    pointer: Optional[layout.Pointer]
+    release_dir: str
+    manifest: dict
+    files: int
+    bytes: int
+
+
+def data_files(manifest: dict) -> set:
+    """Every data file a manifest's shards and tables name, relative to the release folder."""
+    out = set()
+    for shard in manifest["shards"]:
+        out.update((shard["path"], shard["id_map"], shard["embeddings"]))
+    for paths in manifest["tables"].values():
+        out.update(paths)
+    return out
+
+
+def verify_release(release_dir: str, pointer: Optional[layout.Pointer] = None, checksums: bool = True) -> Verified:
+    """Checks a release against its manifest; raises VerificationError naming the first bad file."""
+    manifest_path = files.join(release_dir, layout.MANIFEST_FILE)
+    try:
+        raw = files.read_bytes(manifest_path)
+    except Exception as e:
+        raise VerificationError(f"{manifest_path}: missing or unreadable ({type(e).__name__})") from None
+    if pointer is not None and sha256_bytes(raw) != pointer.manifest_sha256:
+        raise VerificationError(f"{manifest_path}: sha256 differs from the one its pointer recorded")
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise VerificationError(f"{manifest_path}: not JSON ({e})") from None
+    try:
+        mf.validate_manifest(manifest)
+    except PublicationError as e:
+        raise VerificationError(f"{manifest_path}: {e}") from None
+    if pointer is not None and (manifest["version"], manifest["release"]) != (pointer.version, pointer.release):
+        raise VerificationError(f"{manifest_path}: describes {manifest['version']}/{manifest['release']}, "
+                                f"its pointer names {pointer.path}")
+    listed = manifest["files"]
+    missing = sorted(data_files(manifest) - set(listed))
+    if missing:
+        raise VerificationError(f"{manifest_path}: {missing[0]} is used but has no checksum in 'files'")
+    present = {files.relative(p, release_dir) for p in files.list_files(release_dir)}
+    total = 0
+    for rel in sorted(listed):
+        path = files.join(release_dir, rel)
+        want = listed[rel]
+        if rel not in present:
+            raise VerificationError(f"{path}: missing")
+        if checksums:
+            size, sha = files.checksum(path)
+            if (size, sha) != (want["size"], want["sha256"]):
+                raise VerificationError(f"{path}: content differs from the manifest "
+                                        f"({size} bytes, sha256 {sha[:12]}...; expected {want['size']} bytes, "
+                                        f"sha256 {want['sha256'][:12]}...)")
+        elif files.size(path) != want["size"]:
+            raise VerificationError(f"{path}: size differs from the manifest")
+        total += want["size"]
+    extra = sorted(present - set(listed) - {layout.MANIFEST_FILE})
+    if extra:
+        raise VerificationError(f"{files.join(release_dir, extra[0])}: not listed in the manifest")
+    for shard in manifest["shards"]:
+        for key in ("id_map", "embeddings"):
+            rows = _parquet_rows(files.join(release_dir, shard[key]))
+            if rows != shard["count"]:
+                raise VerificationError(f"{files.join(release_dir, shard[key])}: {rows} rows, "
+                                        f"shard {shard['index']} holds {shard['count']}")
+    for table in ("rejected", "degraded"):
+        rows = sum(_parquet_rows(files.join(release_dir, p)) for p in manifest["tables"][table])
+        if rows != manifest["counts"][table]:
+            raise VerificationError(f"{release_dir}: {table} table holds {rows} rows, "
+                                    f"the manifest counts {manifest['counts'][table]}")
+    return Verified(pointer, release_dir, manifest, len(listed) + 1, total + len(raw))
+
+
+def verify(output: str, version: Optional[str] = None) -> Verified:
+    pointer = resolve(output, version)
+    return verify_release(files.join(output.rstrip("/"), pointer.path), pointer)
+
+
+# --------------------------------------------------------------------------- switching pointers
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the pointers say after a publication."""
+
+    current: layout.Pointer  # the version's live release (ours, or an identical one already live)
+    latest: Optional[layout.Pointer]
+    switched_current: bool
+    moved_latest: bool
+
+
+def switch_pointers(output: str, candidate: layout.Pointer, force: bool, identical=None, lease=None) -> Outcome:
+    """Points ``<version>/CURRENT`` and then LATEST at ``candidate``, each by compare-and-swap.
+
+    CURRENT: set when absent; when it names another release, replaced only with
+    ``force`` (or kept when ``identical(other_pointer)`` says the live release
+    has the same content: an idempotent rerun). LATEST: moved only forward
+    (layout.later). ``lease``, when given, is checked (and re-taken if it
+    lapsed) right before the first pointer moves.
+    """
+    output = output.rstrip("/")
+    if lease is not None:
+        lease.ensure()
+    current_path = files.join(output, candidate.version, layout.CURRENT_FILE)
+    store = cas.store_for(current_path)
+    switched = False
+    for _ in range(20):
+        live, token = read_pointer(current_path)
+        if live == candidate:
+            break
+        if live is not None and not force:
+            if identical is not None and identical(live):
+                candidate = live
+                break
+            raise PublicationError(
+                f"version {candidate.version!r} was published meanwhile ({live.path}) with other content; "
+                f"rerun with --force to replace it")
+        if store.write_if(current_path, candidate.dumps(), token):
+            switched = True
+            break
+    else:
+        raise PublicationError(f"{current_path} keeps changing; another publisher is running")
+    failpoint("after_current")
+
+    latest_path = files.join(output, layout.LATEST_FILE)
+    moved = False
+    for _ in range(20):
+        try:
+            latest, token = read_pointer(latest_path)
+        except VerificationError as e:
+            _log.warning("replacing an unreadable LATEST: %s", e)
+            latest, token = None, cas.store_for(latest_path).read(latest_path)[1]
+        if latest == candidate or not layout.later(candidate, latest):
+            break
+        if cas.store_for(latest_path).write_if(latest_path, candidate.dumps(), token):
+            latest, moved = candidate, True
+            break
+    else:
+        raise PublicationError(f"{latest_path} keeps changing; another publisher is running")
+    failpoint("after_latest")
+    return Outcome(candidate, latest, switched, moved)
+
+
+# --------------------------------------------------------------------------- garbage collection
+
+
+@dataclasses.dataclass
+class Removal:
+    path: str  # a release folder or a version folder
+    why: str
+
+
+def _newest_mtime(paths: List[str]) -> Optional[float]:
+    times = []
+    for p in paths:
+        try:
+            times.append(FileSystems.last_updated(p))
+        except Exception:
+            pass
+    return max(times) if times else None
+
+
+def plan_garbage(output: str, keep: Optional[int], older_than_days: Optional[float], grace_minutes: float,
+                 now: Optional[datetime.datetime] = None) -> List[Removal]:
+    """What ``gc`` would remove. Never the release LATEST names, nor any version's CURRENT release
+    unless the whole version goes (only versions beyond the ``keep`` newest by snapshot, and older than
+    ``older_than_days`` when given)."""
+    output = output.rstrip("/")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    latest, _ = read_pointer(files.join(output, layout.LATEST_FILE))
+    by_version = {}
+    for path in files.list_files(output):
+        rel = files.relative(path, output)
+        parts = rel.split("/")
+        if len(parts) < 2 or not layout.is_version_name(parts[0]):
+            continue
+        by_version.setdefault(parts[0], []).append(parts[1:])
+    removals, published = [], []
+    for version, entries in sorted(by_version.items()):
+        current, _ = read_pointer(files.join(output, version, layout.CURRENT_FILE))
+        if current is not None:
+            published.append((current.snapshot_time, version, current))
+        releases = {}
+        for parts in entries:
+            if len(parts) >= 2 and layout.is_release_id(parts[0]):
+                releases.setdefault(parts[0], []).append(files.join(output, version, *parts))
+        for release, paths in sorted(releases.items()):
+            if (current is not None and release == current.release) or (
+                    latest is not None and (version, release) == (latest.version, latest.release)):
+                continue
+            newest = _newest_mtime(paths)
+            age_min = (now.timestamp() - newest) / 60 if newest is not None else float("inf")
+            if age_min < grace_minutes:
+                continue  # may be a run in progress, or a replaced release a reader still has open
+            finished = any(p.endswith("/" + layout.MANIFEST_FILE) for p in paths)
+            removals.append(Removal(files.join(output, version, release),
+                                    "replaced or orphaned release" if finished else "abandoned (unfinished) release"))
+    if keep is not None or older_than_days is not None:
+        published.sort(reverse=True)
+        protected = {v for _, v, _ in published[:keep or 0]}
+        if latest is not None:
+            protected.add(latest.version)
+        for snapshot, version, _ in published:
+            if version in protected:
+                continue
+            if older_than_days is not None and (now - snapshot).total_seconds() < older_than_days * 86400:
+                continue
+            removals = [r for r in removals if not r.path.startswith(files.join(output, version) + "/")]
+            removals.append(Removal(files.join(output, version), f"old version (snapshot {layout.format_time(snapshot)})"))
+    return removals
+
+
+def remove(removal: Removal, output: str) -> None:
+    """Deletes a release or a whole version; a version's CURRENT pointer goes first, so it stops
+    being published before its files disappear."""
+    rel = files.relative(removal.path, output.rstrip("/"))
+    if "/" not in rel:
+        current = files.join(removal.path, layout.CURRENT_FILE)
+        if files.exists(current):
+            FileSystems.delete([current])
+    files.delete_tree(removal.path)
