@@ -10,7 +10,6 @@ handle string.
 """
 
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -22,6 +21,7 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from catalog_index.errors import EncoderError, brief
 from embedding import builtin
+from embedding.fingerprints import fingerprint  # moved there (Beam-free); still encoders.fingerprint
 
 TEXT = "text"
 IMAGE = "image"
@@ -59,26 +59,6 @@ def resolve_handle(handle: str, model_cache: Optional[str] = None) -> str:
         return hub.resolve(handle)
     except Exception as e:  # hub raises a mix of ValueError, OSError, HTTP errors
         raise EncoderError(f"cannot resolve model handle {handle!r}: {brief(e)}") from e
-
-
-def fingerprint(model_dir: str) -> str:
-    """sha256 over the SavedModel's files (names and bytes), stable across copies."""
-    tf = _tf()
-    digest = hashlib.sha256()
-    paths = []
-    for root, _, files in tf.io.gfile.walk(model_dir):
-        for name in files:
-            paths.append(tf.io.gfile.join(root, name))
-    for path in sorted(paths):
-        rel = path[len(model_dir):].lstrip("/")
-        digest.update(rel.encode() + b"\0")
-        with tf.io.gfile.GFile(path, "rb") as f:
-            while True:
-                chunk = f.read(1 << 20)
-                if not chunk:
-                    break
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 def _single_output(result, handle):
