@@ -128,6 +128,26 @@ def _row(item_id, title, description=None, image_uri=None, price=None):
     }
 
 
+def _table(rows):
+    """The rows as a SAMPLE_SCHEMA table; a bytes value in a string column is stored as is.
+
+    Arrow validates UTF-8 when building a string array from Python values, so a
+    column holding bytes is built as binary and reinterpreted as string without
+    validation: that is how a value that is not valid UTF-8 gets into a catalog.
+    """
+    if not any(isinstance(v, bytes) for r in rows for v in r.values()):
+        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    arrays = []
+    for field in SAMPLE_SCHEMA:
+        values = [r[field.name] for r in rows]
+        if field.type == pa.string() and any(isinstance(v, bytes) for v in values):
+            raw = pa.array([v.encode("utf-8") if isinstance(v, str) else v for v in values], pa.binary())
+            arrays.append(pa.Array.from_buffers(pa.string(), len(raw), raw.buffers(), raw.null_count))
+        else:
+            arrays.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(arrays, schema=SAMPLE_SCHEMA)
+
+
 def _good_items(rng, n_items, images_dir):
     """n_items good rows: ~1/4 without an image, a few with an image but no title."""
     kinds = list(KINDS)
@@ -188,6 +208,8 @@ def _bad_rows(rng, images_dir):
     add(rejected, rej.NO_TITLE_OR_IMAGE, _row("edge-empty-title-no-image", ""))
     add(rejected, rej.NO_TITLE_OR_IMAGE, _row("edge-null-title-no-image", None))
     add(rejected, rej.NO_TITLE_OR_IMAGE, _row("edge-blank-title-no-image", " \t "))
+    # Rejected: a title that is not valid UTF-8 (bytes, written unvalidated by _table).
+    add(rejected, rej.INVALID_VALUE, _row("edge-invalid-utf8-title", b"red coffee mug \xff 450ml"))
 
     # Duplicated item_id: the same id twice with different titles, placed in two
     # different files by the caller. All occurrences but one are rejected.
@@ -283,8 +305,7 @@ def generate_catalog(out_dir: str, n_items: int = 300, seed: int = 0, bad_rows: 
     files = []
     for i, part in enumerate(parts):
         file_path = os.path.join(catalog_dir, f"part-{i:05d}.parquet")
-        table = pa.Table.from_pylist(part, schema=SAMPLE_SCHEMA)
-        pq.write_table(table, file_path)
+        pq.write_table(_table(part), file_path)
         files.append(file_path)
 
     total = sum(len(p) for p in parts)

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -41,7 +42,12 @@ MAX_TEXT_CHARS = 4096
 
 
 class CatalogRow(NamedTuple):
-    """One catalog row as read, with where it came from (file and 0-based row)."""
+    """One catalog row as read, with where it came from (file and 0-based row).
+
+    ``problem`` is set when a value of the row could not be read (e.g. a string
+    that is not valid UTF-8); that value is None and ValidateItems rejects the
+    row with ``invalid_value`` and this message.
+    """
 
     item_id: Optional[str]
     title: Optional[str]
@@ -49,6 +55,7 @@ class CatalogRow(NamedTuple):
     image_uri: Optional[str]
     source: str
     row: int
+    problem: Optional[str] = None
 
 
 class Rejection(NamedTuple):
@@ -101,6 +108,31 @@ class _ListRowGroups(beam.DoFn):
             first += meta.row_group(i).num_rows
 
 
+def _decode_column(column, name: str, path: str, first: int, problems: dict) -> list:
+    """A string column's values; an undecodable value becomes None and a problem of its row.
+
+    Fast path: Arrow decodes the whole column. Only a column that fails is read
+    again as binary and decoded value by value, to find the bad ones.
+    """
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+    values = column.cast(binary).to_pylist()
+    for i, raw in enumerate(values):
+        if raw is None:
+            continue
+        try:
+            values[i] = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            values[i] = None
+            problems.setdefault(i, []).append(
+                f"column {name!r} at row {first + i} of {path} is not valid UTF-8 "
+                f"(byte 0x{raw[e.start]:02x} at offset {e.start})")
+    return values
+
+
 class _ReadRowGroup(beam.DoFn):
     def __init__(self):
         self._read = progress.counter(progress.ROWS_READ)
@@ -112,7 +144,9 @@ class _ReadRowGroup(beam.DoFn):
             wanted = [c for c in cat.COLUMNS if pf.schema_arrow.get_field_index(c) >= 0]
             table = pf.read_row_group(group, columns=wanted)
         n = table.num_rows
-        columns = {c: (table.column(c).to_pylist() if c in wanted else [None] * n) for c in cat.COLUMNS}
+        problems = {}  # row index in the group -> messages, in column order
+        columns = {c: (_decode_column(table.column(c), c, path, first, problems) if c in wanted else [None] * n)
+                   for c in cat.COLUMNS}
         for i in range(n):
             yield CatalogRow(
                 columns[cat.ITEM_ID][i],
@@ -121,6 +155,7 @@ class _ReadRowGroup(beam.DoFn):
                 columns[cat.IMAGE_URI][i],
                 path,
                 first + i,
+                "; ".join(problems[i]) if i in problems else None,
             )
         self._read.inc(n)
         progress.add(progress.ROWS_READ, n)
@@ -152,7 +187,9 @@ class ReadCatalog(beam.PTransform):
 
 class _Validate(beam.DoFn):
     def process(self, row):
-        if row.item_id is None:
+        if row.problem is not None:
+            yield beam.pvalue.TaggedOutput(REJECTED, reject(row, rej.INVALID_VALUE, row.problem))
+        elif row.item_id is None:
             yield beam.pvalue.TaggedOutput(REJECTED, reject(row, rej.MISSING_ITEM_ID, "item_id is null"))
         elif not row.item_id.strip():
             yield beam.pvalue.TaggedOutput(REJECTED, reject(row, rej.EMPTY_ITEM_ID, "item_id is empty"))

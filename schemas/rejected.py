@@ -17,6 +17,8 @@ MISSING_ITEM_ID = "missing_item_id"
 EMPTY_ITEM_ID = "empty_item_id"
 DUPLICATE_ITEM_ID = "duplicate_item_id"
 NO_TITLE_OR_IMAGE = "no_title_or_image"
+# A value of the row could not be read (a string that is not valid UTF-8).
+INVALID_VALUE = "invalid_value"
 IMAGE_FETCH_FAILED = "image_fetch_failed"
 IMAGE_DECODE_FAILED = "image_decode_failed"
 IMAGE_TOO_LARGE = "image_too_large"
@@ -27,6 +29,7 @@ EMPTY_EMBEDDING = "empty_embedding"
 IMAGE_REASONS = (IMAGE_FETCH_FAILED, IMAGE_DECODE_FAILED, IMAGE_TOO_LARGE)
 
 REJECT_REASONS = (
+    INVALID_VALUE,
     MISSING_ITEM_ID,
     EMPTY_ITEM_ID,
     DUPLICATE_ITEM_ID,

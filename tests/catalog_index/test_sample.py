@@ -25,9 +25,28 @@ def _read(info):
     return pa.concat_tables([pq.read_table(f) for f in info["files"]])
 
 
+def _pylist(table):
+    """table.to_pylist(), except that a string that is not valid UTF-8 comes back as its bytes."""
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if column.type == pa.string():
+            columns[name] = [_decode(v) for v in column.cast(pa.binary()).to_pylist()]
+        else:
+            columns[name] = column.to_pylist()
+    return [{name: columns[name][i] for name in columns} for i in range(table.num_rows)]
+
+
+def _decode(raw):
+    try:
+        return None if raw is None else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
 def _by_id(table):
     rows = {}
-    for row in table.to_pylist():
+    for row in _pylist(table):
         rows.setdefault(row[cat.ITEM_ID], []).append(row)
     return rows
 
@@ -56,6 +75,7 @@ def test_row_counts_add_up(generated):
         rej.EMPTY_ITEM_ID: 1,
         rej.DUPLICATE_ITEM_ID: 1,
         rej.NO_TITLE_OR_IMAGE: 3,
+        rej.INVALID_VALUE: 1,
     }
     assert expected["degraded"] == {rej.IMAGE_DECODE_FAILED: 1, rej.IMAGE_FETCH_FAILED: 1, rej.IMAGE_TOO_LARGE: 1}
     # good items + 1 of the duplicate + 3 bad-image rows + 4 fine images + 2 non-Latin titles
@@ -65,13 +85,15 @@ def test_row_counts_add_up(generated):
 def test_expected_matches_rules(generated):
     """Recomputes the expected outcome from the parquet rows with the stated rules."""
     _, info = generated
-    rows = _read(info).to_pylist()
+    rows = _pylist(_read(info))
     rejected, degraded, seen = {}, {}, set()
     indexed = 0
     for row in rows:
         item_id, title, uri = row[cat.ITEM_ID], row[cat.TITLE], row[cat.IMAGE_URI]
         has_title = bool(title and title.strip())
-        if item_id is None:
+        if any(isinstance(v, bytes) for v in row.values()):
+            reason = rej.INVALID_VALUE  # decided first: the row never reaches the other rules
+        elif item_id is None:
             reason = rej.MISSING_ITEM_ID
         elif item_id == "":
             reason = rej.EMPTY_ITEM_ID
@@ -81,7 +103,7 @@ def test_expected_matches_rules(generated):
             reason = rej.NO_TITLE_OR_IMAGE
         else:
             reason = None
-        if item_id:
+        if item_id and reason != rej.INVALID_VALUE:
             seen.add(item_id)
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
@@ -116,7 +138,7 @@ def test_duplicate_in_two_files_with_different_titles(generated):
     where = [
         (i, row[cat.TITLE])
         for i, f in enumerate(info["files"])
-        for row in pq.read_table(f).to_pylist()
+        for row in _pylist(pq.read_table(f))
         if row[cat.ITEM_ID] == dup_id
     ]
     assert len(where) == 2
@@ -146,7 +168,7 @@ def test_good_items(generated):
 
 def test_same_category_titles_share_words(generated):
     _, info = generated
-    titles = [r[cat.TITLE] for r in _read(info).to_pylist() if (r[cat.ITEM_ID] or "").startswith("item-") and r[cat.TITLE]]
+    titles = [r[cat.TITLE] for r in _pylist(_read(info)) if (r[cat.ITEM_ID] or "").startswith("item-") and r[cat.TITLE]]
     kinds = {k for k in sample.KINDS if any(k in t for t in titles)}
     assert len(kinds) >= 5
 
@@ -198,9 +220,16 @@ def test_bad_rows_present(generated):
     ids = table.column(cat.ITEM_ID).to_pylist()
     assert ids.count(None) == 1
     assert ids.count("") == 1
-    titles = {r[cat.ITEM_ID]: r[cat.TITLE] for r in table.to_pylist() if r[cat.ITEM_ID]}
+    titles = {r[cat.ITEM_ID]: r[cat.TITLE] for r in _pylist(table) if r[cat.ITEM_ID]}
     assert titles["edge-null-title-no-image"] is None
     assert titles["edge-empty-title-no-image"] == ""
+    # Not valid UTF-8, yet a string column that pyarrow reads back (and fails to decode).
+    assert info["bad_ids"][rej.INVALID_VALUE] == ["edge-invalid-utf8-title"]
+    assert titles["edge-invalid-utf8-title"] == b"red coffee mug \xff 450ml"
+    for f in info["files"]:
+        assert pq.read_schema(f).field(cat.TITLE).type == pa.string()
+    with pytest.raises(UnicodeDecodeError):
+        table.column(cat.TITLE).to_pylist()
 
 
 def test_no_bad_rows_and_deterministic(tmp_path):

@@ -29,6 +29,63 @@ def test_read_catalog_reads_every_row_group_with_source_and_row(tmp_path):
                     equal_to([(f"i{k}", k, path, None) for k in range(25)]), label="CheckRows")
 
 
+def _unvalidated_strings(values):
+    """A string array holding exactly these bytes (None = null), invalid UTF-8 included."""
+    raw = pa.array(values, pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers(), raw.null_count)
+
+
+def test_read_catalog_rejects_rows_with_invalid_utf8_and_reads_the_rest(tmp_path):
+    path = str(tmp_path / "bad.parquet")
+    n = 25
+    ids = [f"i{k}".encode() for k in range(n)]
+    titles = [f"title {k}".encode() for k in range(n)]
+    titles[17] = b"ab\xffcd"  # row 17: bad title (second row group)
+    ids[3] = b"i\xc3("  # row 3: bad item_id (first row group)
+    titles[2] = None  # row 2: null title and no image (an ordinary rejection)
+    table = pa.table({"item_id": _unvalidated_strings(ids), "title": _unvalidated_strings(titles),
+                      "image_uri": pa.array([None] * 4 + ["/x.png"] * (n - 4))})
+    pq.write_table(table, path, row_group_size=10)
+    assert pq.read_schema(path).field("title").type == pa.string()
+    assert pq.read_schema(path).field("item_id").type == pa.string()
+    with TestPipeline() as p:
+        rows = p | tr.ReadCatalog([path])
+        valid = rows | tr.ValidateItems()
+        counts = (
+            (rows | "CountRead" >> beam.combiners.Count.Globally(),
+             valid["items"] | "CountItems" >> beam.combiners.Count.Globally(),
+             valid[tr.REJECTED] | "CountRejected" >> beam.combiners.Count.Globally())
+            | beam.Flatten()
+        )
+        assert_that(counts, equal_to([n, n - 3, 3]), label="CountsAddUp")
+        assert_that(valid[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.source, r.row, r.reason, r.message)),
+                    equal_to([
+                        (None, path, 3, rej.INVALID_VALUE,
+                         f"column 'item_id' at row 3 of {path} is not valid UTF-8 (byte 0xc3 at offset 1)"),
+                        ("i17", path, 17, rej.INVALID_VALUE,
+                         f"column 'title' at row 17 of {path} is not valid UTF-8 (byte 0xff at offset 2)"),
+                        ("i2", path, 2, rej.NO_TITLE_OR_IMAGE, "item has neither a non-empty title nor an image_uri"),
+                    ]), label="CheckRejected")
+        good = [k for k in range(n) if k not in (2, 3, 17)]
+        assert_that(valid["items"] | beam.Map(lambda r: (r.item_id, r.title, r.row, r.problem)),
+                    equal_to([(f"i{k}", f"title {k}", k, None) for k in good]), label="CheckItems")
+
+
+def test_read_catalog_names_every_bad_column_of_a_row(tmp_path):
+    path = str(tmp_path / "both.parquet")
+    table = pa.table({"item_id": _unvalidated_strings([b"ok", b"x\x80"]),
+                      "title": pa.array(["fine", "fine"]),
+                      "description": _unvalidated_strings([None, b"\xfe"])})
+    pq.write_table(table, path)
+    with TestPipeline() as p:
+        rows = p | tr.ReadCatalog([path])
+        assert_that(rows | beam.Map(lambda r: (r.row, r.item_id, r.description, r.problem)), equal_to([
+            (0, "ok", None, None),
+            (1, None, None, f"column 'item_id' at row 1 of {path} is not valid UTF-8 (byte 0x80 at offset 1); "
+                            f"column 'description' at row 1 of {path} is not valid UTF-8 (byte 0xfe at offset 0)"),
+        ]))
+
+
 def test_validate_items_routes_each_bad_row_with_its_reason():
     rows = [row(None), row(""), row("  "), row("ok"), row("x", title=" ", image_uri=None),
             row("img", title=None, image_uri="/a.png"), row("n", title=None)]
