@@ -7,17 +7,32 @@ bundle: every fetch or decode failure becomes an :class:`ImageError`, a
 ``degraded/``. Inputs are untrusted, so fetched bytes and decoded pixels are
 both bounded (a small file can declare a huge canvas: a decompression bomb),
 and the pixel check happens on the header, before any pixel is decoded.
+
+Fetching is hardened the same way: one overall deadline per image whatever
+the scheme, only regular local files (a FIFO or device would block or never
+end), http(s) hosts on public addresses only unless explicitly allowed (no
+requests into the worker's network or to cloud metadata: SSRF), and an
+optional root that local and object-store images must stay under.
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
+import ipaddress
 import logging
+import math
+import os
+import posixpath
+import re
+import socket
+import ssl
+import stat
 import struct
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
@@ -35,6 +50,9 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # Far above any sane product photo; stops a mislabelled video or a huge TIFF
 # from being pulled into memory whole.
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+# One overall deadline per fetch (DNS, connect, TLS, headers and body, or the
+# whole filesystem read): a hostile or broken source costs a row at most this.
+DEFAULT_TIMEOUT_S = 30.0
 
 # Only formats that product feeds actually use. Restricting Image.open keeps
 # Pillow's rarely exercised plugins (PSD, TGA, EPS via Ghostscript...) off
@@ -115,6 +133,98 @@ def _check_size(size):
 
 # --------------------------------------------------------------------------- fetch
 
+# Where a catalog row may point the fetcher by default: never at the worker's
+# own network. These addresses only make the refusal message more precise; all
+# of them are non-public anyway.
+_CLOUD_METADATA = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP (metadata.google.internal), Azure, OCI
+        "169.254.170.2",  # AWS ECS task credentials
+        "100.100.100.200",  # Alibaba Cloud
+        "fd00:ec2::254",  # AWS instance metadata over IPv6
+    )
+)
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# RFC 1918 and IPv6 unique-local; Python's is_private is much broader (it also
+# covers documentation and benchmarking ranges), which the catch-all handles.
+_PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+_PRIVATE_HOSTS_HINT = "pass --allow-private-image-hosts for intranet catalogs"
+_MAX_REDIRECTS = 5
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+_URI_SCHEME = re.compile(r"([a-zA-Z][-a-zA-Z0-9+.]*)://")  # FileSystems.get_scheme's pattern
+# Bytes a request target may not carry raw (space, controls, non-ASCII).
+_UNSAFE_IN_TARGET = re.compile(r"[^\x21-\x7e]")
+
+# Reads that run past their deadline are abandoned on their thread (see
+# _run_with_deadline). Past this many still-stuck threads (a hung NFS mount,
+# a storage client retrying for minutes on every row) new reads fail at once
+# instead of piling up threads without bound.
+_MAX_ABANDONED_READS = 64
+_abandoned_lock = threading.Lock()
+_abandoned_reads = 0
+
+
+def _embedded_ipv4(addr):
+    """The IPv4 address an IPv6 address carries traffic to, and how, or (None, None)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped, "IPv4-mapped"
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF), "NAT64"
+    if addr.sixtofour is not None:
+        return addr.sixtofour, "6to4"
+    if addr in _IPV4_COMPATIBLE and int(addr) > 1:  # not :: nor ::1
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF), "IPv4-compatible"
+    return None, None
+
+
+def refused_address_reason(ip) -> str | None:
+    """Why an image must not be fetched from ``ip`` by default; None for a public address.
+
+    ``ip`` is an IPv4 or IPv6 address, as a string (an IPv6 zone such as
+    ``%eth0`` is ignored) or an ipaddress object. The answer is a phrase such
+    as ``"a loopback address"``. IPv6 forms that embed an IPv4 address
+    (IPv4-mapped, IPv4-compatible, NAT64, 6to4) are judged by that address,
+    because that is where the packets go. Raises ValueError for a non-address.
+    """
+    addr = ipaddress.ip_address(ip.split("%", 1)[0] if isinstance(ip, str) else ip)
+    if addr.version == 6:
+        embedded, how = _embedded_ipv4(addr)
+        if embedded is not None:
+            inner = refused_address_reason(embedded)
+            if inner is not None:
+                return f"{inner} ({how} {embedded})"
+            if how in ("IPv4-mapped", "NAT64"):
+                # A public IPv4 host; on IPv6-only workers DNS64 hands out
+                # NAT64 addresses for every IPv4-only image server.
+                return None
+            # 6to4 and IPv4-compatible fall through to the IPv6 checks
+            # (the latter is deprecated and lands on "reserved").
+    if addr.is_unspecified:
+        return "an unspecified address"
+    if addr.is_loopback:
+        return "a loopback address"
+    if addr in _CLOUD_METADATA:  # before link-local: 169.254.169.254 is both
+        return "a cloud metadata address"
+    if addr.is_link_local:
+        return "a link-local address"
+    if addr.is_multicast:  # Python counts most multicast as is_global
+        return "a multicast address"
+    if addr in _CGNAT:  # neither is_private nor is_global in Python
+        return "a shared (CGNAT) address"
+    if any(addr in network for network in _PRIVATE_NETWORKS):
+        return "a private address"
+    if addr.is_reserved:
+        return "a reserved address"
+    if not addr.is_global:  # documentation, benchmarking, 0.0.0.0/8, ...
+        return "a non-public address"
+    return None
+
 
 def _read_bounded(read, max_bytes, uri, deadline=None):
     """Calls ``read(n)`` until EOF, but never takes more than max_bytes + 1 bytes.
@@ -134,92 +244,430 @@ def _read_bounded(read, max_bytes, uri, deadline=None):
             raise ImageTooLargeError(
                 f"image {uri!r} is larger than the {max_bytes}-byte limit"
             )
-        # urllib's timeout bounds each socket operation, not the whole body; a
-        # server that drips bytes would otherwise hold a worker indefinitely.
+        # Also stops an abandoned background read (see _run_with_deadline)
+        # from pulling the rest of a big file into memory for nothing.
         if deadline is not None and time.monotonic() > deadline:
             raise ImageFetchError(f"timed out reading image {uri!r}")
     return b"".join(chunks)
 
 
-def _fetch_http(uri, max_bytes, timeout):
-    deadline = None if timeout is None else time.monotonic() + timeout
-    request = urllib.request.Request(uri, headers={"User-Agent": _USER_AGENT})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-                raise ImageTooLargeError(
-                    f"image {uri!r} declares {int(length)} bytes, "
-                    f"over the {max_bytes}-byte limit"
-                )
-            # read1 returns what has arrived instead of blocking for a full
-            # chunk, so the deadline is checked while a slow body trickles in.
-            return _read_bounded(response.read1, max_bytes, uri, deadline)
-    except ImageError:
-        raise
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise ImageFetchError(
-            f"HTTP {exc.code} {exc.reason} fetching image {uri!r}"
-        ) from exc
-    # URLError and socket timeouts are OSErrors; HTTPException covers broken
-    # responses (IncompleteRead, BadStatusLine); ValueError a malformed URL.
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise ImageFetchError(
-            f"cannot fetch image {uri!r}: {_describe(exc)}"
-        ) from exc
+def _run_with_deadline(fn, deadline):
+    """Returns ``fn()``, run on a daemon thread; raises TimeoutError at the deadline.
 
+    For blocking calls that take no timeout and cannot be interrupted from
+    Python: getaddrinfo, a stat on a hung network mount, a cloud storage
+    client retrying for minutes. At the deadline the thread is abandoned; it
+    ends whenever the call returns, and its result is dropped.
+    """
+    global _abandoned_reads  # pylint: disable=global-statement
+    with _abandoned_lock:
+        if _abandoned_reads >= _MAX_ABANDONED_READS:
+            raise OSError(f"{_abandoned_reads} earlier image reads are still stuck past their deadline")
+    box = {"finished": False, "abandoned": False}
+    done = threading.Event()
 
-def _fetch_filesystem(uri, max_bytes):
-    # Beam's LocalFileSystem wants a plain path; "file://" is stripped as-is
-    # (no percent-decoding), so "file:///a/b.jpg" reads "/a/b.jpg".
-    path = uri[len("file://"):] if uri[:7].lower() == "file://" else uri
-    try:
-        # UNCOMPRESSED: the default AUTO would gunzip a name ending in ".gz"
-        # (or ".bz2", ...) behind our back; image bytes are what we want.
-        stream = FileSystems.open(
-            path,
-            mime_type="application/octet-stream",
-            compression_type=CompressionTypes.UNCOMPRESSED,
-        )
+    def target():
+        global _abandoned_reads  # pylint: disable=global-statement
         try:
-            return _read_bounded(stream.read, max_bytes, uri)
+            box["result"] = fn()
+        except BaseException as exc:  # pylint: disable=broad-except
+            box["error"] = exc  # re-raised on the caller's thread
         finally:
-            stream.close()
+            with _abandoned_lock:
+                box["finished"] = True
+                if box["abandoned"]:
+                    _abandoned_reads -= 1
+            done.set()
+
+    threading.Thread(target=target, name="image-fetch", daemon=True).start()
+    done.wait(max(0.0, deadline - time.monotonic()))
+    with _abandoned_lock:
+        # Decided under the lock, so a thread finishing right now is either
+        # counted as abandoned and uncounted by itself, or not counted at all.
+        if not box["finished"]:
+            box["abandoned"] = True
+            _abandoned_reads += 1
+            raise TimeoutError("image fetch deadline reached")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+# ---------------------------------------------------------------- fetch: http(s)
+
+
+def _arm(sock, deadline):
+    """Gives the next socket operation only the time left before the deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("image fetch deadline reached")
+    sock.settimeout(remaining)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Raw reads from a socket, each limited to the time left before the deadline."""
+
+    def __init__(self, sock, deadline):
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        _arm(self._sock, self._deadline)
+        return self._sock.recv_into(buffer)
+
+
+class _DeadlineSocket:
+    """A connected (TLS) socket as http.client uses it, bounded by one overall deadline.
+
+    A socket timeout applies to each operation afresh, so a server sending a
+    header byte per second would keep a fetch alive for ever; re-arming it
+    with the remaining time before every send and receive bounds the whole
+    exchange, status line and headers included.
+    """
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+
+    def sendall(self, data):
+        _arm(self._sock, self._deadline)
+        self._sock.sendall(data)  # the timeout bounds the whole sendall
+
+    def makefile(self, mode="rb", *args, **kwargs):  # pylint: disable=unused-argument
+        if mode != "rb":
+            raise ValueError(f"unsupported mode {mode!r}")
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def close(self):
+        pass  # the real socket belongs to _http_get, which closes it
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context():
+    # Loading the system CA store costs milliseconds: once per process. The
+    # default context verifies the certificate and the hostname.
+    return ssl.create_default_context()
+
+
+def _resolve(host, port, deadline):
+    """All (family, type, proto, canonname, sockaddr) of host, found before the deadline."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        # A name: getaddrinfo has no timeout, so it runs on a watched thread.
+        infos = _run_with_deadline(
+            lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), deadline
+        )
+    else:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    infos = [info for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
+    if not infos:
+        raise OSError(f"no IPv4 or IPv6 address for host {host!r}")
+    return infos
+
+
+def _connect(infos, deadline):
+    """A socket connected to the first reachable address of ``infos``.
+
+    The time left is shared among the addresses still to try, so one
+    black-holed address cannot eat the whole deadline.
+    """
+    last_error = None
+    for index, (family, type_, proto, _, sockaddr) in enumerate(infos):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.settimeout(remaining / (len(infos) - index))
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    raise last_error or TimeoutError("image fetch deadline reached")
+
+
+def _request_target(parts):
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    # Percent-encode what may not appear raw in a request line, as browsers
+    # do; http.client would refuse a URL with a space or an accented letter.
+    return _UNSAFE_IN_TARGET.sub(lambda m: urllib.parse.quote(m.group()), target)
+
+
+def _http_get(url, where, max_bytes, deadline, allow_private_hosts):
+    """One GET of ``url``: returns the body (bytes) or a redirect target (str).
+
+    The host is resolved once, every address is checked, and the connection
+    goes to a checked address: a second lookup could answer differently (DNS
+    rebinding). Host header, SNI and certificate check still use the name.
+    """
+    parts = urllib.parse.urlsplit(url)
+    https = parts.scheme.lower() == "https"
+    host = parts.hostname
+    if not host:
+        raise ValueError("no host in URL")
+    port = parts.port or (443 if https else 80)  # .port raises ValueError when malformed
+    infos = _resolve(host, port, deadline)
+    if not allow_private_hosts:
+        for info in infos:
+            ip = info[4][0]
+            reason = refused_address_reason(ip)
+            if reason is not None:
+                shown = host if host == ip else f"{host} ({ip})"
+                raise ImageFetchError(
+                    f"cannot fetch image {where}: refused: image host {shown} is {reason} "
+                    f"({_PRIVATE_HOSTS_HINT})"
+                )
+    raw = _connect(infos, deadline)
+    sock = raw
+    try:
+        if https:
+            sock = _ssl_context().wrap_socket(raw, server_hostname=host, do_handshake_on_connect=False)
+            _arm(sock, deadline)
+            sock.do_handshake()  # CPython bounds the whole handshake by the timeout
+            conn = http.client.HTTPSConnection(host, port, context=_ssl_context())
+        else:
+            conn = http.client.HTTPConnection(host, port)
+        # A socket already in place: http.client never connects (or resolves)
+        # itself, and only formats the request and parses the response.
+        conn.sock = _DeadlineSocket(sock, deadline)
+        conn.request(
+            "GET", _request_target(parts), headers={"User-Agent": _USER_AGENT, "Connection": "close"}
+        )
+        response = conn.getresponse()
+        status = response.status
+        if status in _REDIRECT_CODES:
+            location = response.getheader("Location")
+            if not location or not location.strip():
+                raise ImageFetchError(f"HTTP {status} without a Location fetching image {where}")
+            return urllib.parse.urldefrag(urllib.parse.urljoin(url, location.strip())).url
+        if not 200 <= status < 300:
+            raise ImageFetchError(f"HTTP {status} {response.reason} fetching image {where}")
+        length = response.getheader("Content-Length")
+        if length is not None and length.strip().isdigit() and int(length) > max_bytes:
+            raise ImageTooLargeError(
+                f"image {where} declares {int(length)} bytes, over the {max_bytes}-byte limit"
+            )
+        # read1 returns what has arrived instead of waiting for a full chunk.
+        return _read_bounded(response.read1, max_bytes, url, deadline)
+    finally:
+        sock.close()
+        if sock is not raw:
+            raw.close()  # a no-op once wrap_socket has taken the descriptor
+
+
+def _fetch_http(uri, max_bytes, timeout, deadline, allow_private_hosts):
+    """GETs an http(s) image, following at most _MAX_REDIRECTS redirects, each hop checked.
+
+    Environment proxies are deliberately not used: connecting through one
+    would defeat the address check. Credentials in the URL are not sent.
+    """
+    url = uri
+    redirects = 0
+    while True:
+        where = repr(uri) if url == uri else f"{uri!r} (redirected to {url!r})"
+        try:
+            outcome = _http_get(url, where, max_bytes, deadline, allow_private_hosts)
+        except ImageError:
+            raise
+        except TimeoutError as exc:  # socket.timeout is TimeoutError
+            raise ImageFetchError(f"timed out after {timeout:g} s fetching image {where}") from exc
+        # OSError: DNS, connect, TLS (ssl.SSLError, certificate mismatch);
+        # HTTPException: broken responses (BadStatusLine, IncompleteRead,
+        # LineTooLong, too many headers); ValueError: a malformed URL or port.
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise ImageFetchError(f"cannot fetch image {where}: {_describe(exc)}") from exc
+        if isinstance(outcome, bytes):
+            return outcome
+        redirects += 1
+        if redirects > _MAX_REDIRECTS:
+            raise ImageFetchError(f"cannot fetch image {uri!r}: more than {_MAX_REDIRECTS} redirects")
+        if urllib.parse.urlsplit(outcome).scheme.lower() not in ("http", "https"):
+            raise ImageFetchError(
+                f"cannot fetch image {where}: refused redirect to {outcome!r} "
+                "(only http and https are followed)"
+            )
+        url = outcome
+
+
+# ------------------------------------------------------------ fetch: filesystems
+
+
+def _file_kind(mode):
+    for test, kind in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _is_under(path, root, sep):
+    """Whether ``path`` lies strictly below directory ``root`` (both normalised)."""
+    return path.startswith(root.rstrip(sep) + sep)
+
+
+def _outside_root(uri, image_root):
+    return ImageFetchError(f"refused: image {uri!r} is outside the image root {image_root!r}")
+
+
+def _local_path(uri):
+    # "file://" is stripped as-is (no percent-decoding), as Beam users expect:
+    # "file:///a/b.jpg" reads "/a/b.jpg".
+    return uri[len("file://"):] if uri[:7].lower() == "file://" else uri
+
+
+def _read_local(uri, max_bytes, deadline, image_root):
+    """Reads a local regular file; anything else is refused without blocking on it."""
+    path = _local_path(uri)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    if image_root is not None:
+        root_scheme = _URI_SCHEME.match(image_root)
+        if root_scheme is not None and root_scheme.group(1).lower() != "file":
+            raise _outside_root(uri, image_root)
+        # realpath resolves ".." and every symlink, so a link inside the root
+        # cannot lead out of it. Opening the resolved path with O_NOFOLLOW
+        # means a symlink swapped in afterwards is not followed either.
+        path = os.path.realpath(path)
+        if not _is_under(path, os.path.realpath(_local_path(image_root)), os.sep):
+            raise _outside_root(uri, image_root)
+        flags |= os.O_NOFOLLOW
+    # stat (following symlinks, which are legitimate) refuses a FIFO, device,
+    # directory or socket before it is even opened: opening some devices has
+    # side effects, and a FIFO would block until a writer appears.
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ImageFetchError(f"cannot read image {uri!r}: not a regular file ({_file_kind(mode)})")
+    # The file may have been replaced since: O_NONBLOCK makes opening a FIFO
+    # return at once, and fstat judges what was actually opened. On a regular
+    # file O_NONBLOCK changes nothing.
+    fd = os.open(path, flags)
+    with io.FileIO(fd, "rb", closefd=True) as stream:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageFetchError(f"cannot read image {uri!r}: not a regular file ({_file_kind(mode)})")
+        return _read_bounded(stream.read, max_bytes, uri, deadline)
+
+
+def _check_store_root(uri, scheme, image_root):
+    """Refuses an object-store URI that is not below ``image_root`` (same scheme).
+
+    Both the URI as written and its ``..``-normalised form must be below the
+    root: object stores such as GCS take "a/../b" literally as a name, other
+    filesystems resolve it, and either way the object read must be inside.
+    """
+    root_scheme = _URI_SCHEME.match(image_root)
+    if root_scheme is None or root_scheme.group(1).lower() != scheme:
+        raise _outside_root(uri, image_root)
+    root = posixpath.normpath("/" + image_root[root_scheme.end():])
+    written = "/" + uri[len(scheme) + 3:]
+    if not (_is_under(written, root, "/") and _is_under(posixpath.normpath(written), root, "/")):
+        raise _outside_root(uri, image_root)
+
+
+def _read_store(uri, max_bytes, deadline):
+    """Reads through Beam's FileSystems (gs:// or any other registered scheme)."""
+    # UNCOMPRESSED: the default AUTO would gunzip a name ending in ".gz"
+    # (or ".bz2", ...) behind our back; image bytes are what we want.
+    stream = FileSystems.open(
+        uri,
+        mime_type="application/octet-stream",
+        compression_type=CompressionTypes.UNCOMPRESSED,
+    )
+    try:
+        return _read_bounded(stream.read, max_bytes, uri, deadline)
+    finally:
+        stream.close()
+
+
+def _fetch_filesystem(uri, scheme, max_bytes, timeout, deadline, image_root):
+    if scheme in (None, "file"):
+        read = functools.partial(_read_local, uri, max_bytes, deadline, image_root)
+    else:
+        if image_root is not None:
+            _check_store_root(uri, scheme, image_root)
+        read = functools.partial(_read_store, uri, max_bytes, deadline)
+    try:
+        # Even local reads run on a watched thread: a path on a hung NFS or
+        # FUSE (gcsfuse) mount blocks in the kernel with no timeout. For gs://,
+        # Beam's gcsio retries with google-api-core's default 120 s deadline,
+        # which FileSystems.open offers no way to shorten.
+        return _run_with_deadline(read, deadline)
     except ImageError:
         raise
+    except TimeoutError as exc:
+        raise ImageFetchError(f"timed out after {timeout:g} s reading image {uri!r}") from exc
     except (OSError, ValueError) as exc:
-        # OSError: missing file, permissions, a directory, BeamIOError.
+        # OSError: missing file, permissions, BeamIOError.
         # ValueError: no filesystem for the scheme, or its extra not installed.
         raise ImageFetchError(f"cannot read image {uri!r}: {_describe(exc)}") from exc
     except Exception as exc:  # pylint: disable=broad-except
         # Remote filesystem clients raise their own types (for example
         # google.api_core.exceptions.NotFound / Forbidden for gs://), which are
-        # not OSErrors. The try block covers only library I/O, so anything
-        # here is about this one URI and must not fail the bundle.
+        # not OSErrors. The read covers only library I/O, so anything here is
+        # about this one URI and must not fail the bundle.
         raise ImageFetchError(f"cannot read image {uri!r}: {_describe(exc)}") from exc
 
 
-def fetch_image_bytes(uri: str, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 30.0) -> bytes:
-    """Returns the raw bytes of the image at ``uri``.
+def _check_timeout(timeout):
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
 
-    ``http://`` and ``https://`` go through urllib (``timeout`` bounds each
-    socket operation and, roughly, the whole read); anything else (a local
-    path, ``file://``, ``gs://``, any scheme Beam knows) through Beam's
-    FileSystems, with no automatic decompression.
 
-    Raises ImageFetchError when the bytes cannot be read, including an empty
-    file (zero bytes means the upload or copy never happened: a fetch problem,
-    not a bad encoding), and ImageTooLargeError over ``max_bytes``.
+def fetch_image_bytes(
+    uri: str,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    *,
+    allow_private_hosts: bool = False,
+    image_root: str | None = None,
+) -> bytes:
+    """Returns the raw bytes of the image at ``uri``, within ``timeout`` seconds overall.
+
+    ``http://`` and ``https://`` are fetched directly (no proxy), refusing
+    hosts that resolve to loopback, private, link-local, metadata or other
+    non-public addresses unless ``allow_private_hosts``; up to 5 redirects
+    are followed, each checked the same way. Anything else (a local path,
+    ``file://``, ``gs://``, any scheme Beam knows) is read through Beam's
+    FileSystems, or directly for local files, which must be regular files,
+    with no automatic decompression. ``image_root`` (a directory path or an
+    object-store prefix), when given, confines non-http images below it.
+
+    The deadline covers everything: DNS, connect, TLS, headers, body, or the
+    whole filesystem read. Raises ImageFetchError for unreadable, refused,
+    timed-out or empty images (zero bytes means the upload or copy never
+    happened: a fetch problem, not a bad encoding), and ImageTooLargeError
+    over ``max_bytes``. Bad bounds raise ValueError.
     """
     _check_positive("max_bytes", max_bytes)
+    _check_timeout(timeout)
+    if image_root is not None and (not isinstance(image_root, str) or not image_root.strip()):
+        raise ValueError(f"image_root must be a non-empty path or URI prefix, got {image_root!r}")
     if not isinstance(uri, str) or not uri.strip():
         raise ImageFetchError(f"empty image URI {uri!r}")
-    lowered = uri[:8].lower()
-    if lowered.startswith(("http://", "https://")):
-        data = _fetch_http(uri, max_bytes, timeout)
+    deadline = time.monotonic() + timeout
+    match = _URI_SCHEME.match(uri)
+    scheme = match.group(1).lower() if match else None
+    if scheme in ("http", "https"):
+        data = _fetch_http(uri, max_bytes, timeout, deadline, allow_private_hosts)
     else:
-        data = _fetch_filesystem(uri, max_bytes)
+        data = _fetch_filesystem(uri, scheme, max_bytes, timeout, deadline, image_root)
     if not data:
         raise ImageFetchError(f"image {uri!r} is empty (0 bytes)")
     return data
@@ -391,15 +839,25 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     *,
-    timeout: float = 30.0,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    allow_private_hosts: bool = False,
+    image_root: str | None = None,
 ) -> np.ndarray:
     """Fetches, decodes and prepares one image: float32 [height, width, 3] in [0, 1].
 
     Every data failure raises an ImageError subclass; a bad ``size`` or bound
     is a programming error and raises ValueError before anything is fetched.
+    ``timeout``, ``allow_private_hosts`` and ``image_root`` are as for
+    fetch_image_bytes.
     """
     _check_size(size)
     _check_positive("max_pixels", max_pixels)
-    data = fetch_image_bytes(uri, max_bytes=max_bytes, timeout=timeout)
+    data = fetch_image_bytes(
+        uri,
+        max_bytes=max_bytes,
+        timeout=timeout,
+        allow_private_hosts=allow_private_hosts,
+        image_root=image_root,
+    )
     img = decode_image(data, max_pixels=max_pixels, uri=uri, min_size=size)
     return to_model_input(img, size)

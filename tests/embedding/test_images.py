@@ -120,6 +120,7 @@ def test_error_classes_are_data_errors_with_stable_reasons(cls, reason):
 def test_defaults():
     assert DEFAULT_MAX_PIXELS == 40_000_000
     assert DEFAULT_MAX_BYTES == 50 * 1024 * 1024
+    assert images.DEFAULT_TIMEOUT_S == 30.0
 
 
 # --------------------------------------------------------------- formats / modes
@@ -591,8 +592,8 @@ def test_http_fetch(http_base):
     base, routes = http_base
     data = encode(halves(32, 16), "PNG")
     routes["/img.png"] = data
-    assert fetch_image_bytes(base + "/img.png", timeout=5) == data
-    arr = load_image(base + "/img.png", (8, 16))
+    assert fetch_image_bytes(base + "/img.png", timeout=5, allow_private_hosts=True) == data
+    arr = load_image(base + "/img.png", (8, 16), allow_private_hosts=True)
     assert_model_array(arr, (8, 16))
     assert_colour(arr[:, :6], RED)
     assert_colour(arr[:, -6:], BLUE)
@@ -601,7 +602,7 @@ def test_http_fetch(http_base):
 def test_http_404_raises_fetch_error(http_base):
     base, _ = http_base
     with pytest.raises(ImageFetchError) as info:
-        fetch_image_bytes(base + "/missing.png", timeout=5)
+        fetch_image_bytes(base + "/missing.png", timeout=5, allow_private_hosts=True)
     assert info.value.reason == IMAGE_FETCH_FAILED
     assert "404" in str(info.value)
     assert "/missing.png" in str(info.value)
@@ -611,8 +612,8 @@ def test_http_body_over_max_bytes(http_base):
     base, routes = http_base
     routes["/big"] = b"x" * 5000
     with pytest.raises(ImageTooLargeError):
-        fetch_image_bytes(base + "/big", max_bytes=4999, timeout=5)
-    assert len(fetch_image_bytes(base + "/big", max_bytes=5000, timeout=5)) == 5000
+        fetch_image_bytes(base + "/big", max_bytes=4999, timeout=5, allow_private_hosts=True)
+    assert len(fetch_image_bytes(base + "/big", max_bytes=5000, timeout=5, allow_private_hosts=True)) == 5000
 
 
 def test_http_empty_body_and_garbage(http_base):
@@ -620,16 +621,16 @@ def test_http_empty_body_and_garbage(http_base):
     routes["/empty"] = b""
     routes["/html"] = b"<html>not found, really</html>"
     with pytest.raises(ImageFetchError):
-        fetch_image_bytes(base + "/empty", timeout=5)
+        fetch_image_bytes(base + "/empty", timeout=5, allow_private_hosts=True)
     with pytest.raises(ImageDecodeError):
-        load_image(base + "/html", (8, 8))
+        load_image(base + "/html", (8, 8), allow_private_hosts=True)
 
 
 def test_http_timeout_bounds_the_whole_body(http_base):
     base, _ = http_base
     started = time.perf_counter()
     with pytest.raises(ImageFetchError) as info:
-        fetch_image_bytes(base + "/slow", timeout=0.5)
+        fetch_image_bytes(base + "/slow", timeout=0.5, allow_private_hosts=True)
     assert "timed out" in str(info.value)
     assert time.perf_counter() - started < 3.0
 
@@ -642,7 +643,7 @@ def test_http_connection_refused_raises_fetch_error(monkeypatch):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(ImageFetchError):
-        fetch_image_bytes(f"http://127.0.0.1:{port}/img.png", timeout=5)
+        fetch_image_bytes(f"http://127.0.0.1:{port}/img.png", timeout=5, allow_private_hosts=True)
 
 
 def test_decoding_leaves_pillow_globals_alone():
