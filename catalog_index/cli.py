@@ -3,17 +3,24 @@
     catalog-index index    --catalog GLOB --output DIR [...] [Beam flags]
     catalog-index backfill --catalog-pattern P --from D --to D --output DIR [...]
     catalog-index models   {list,build,export --to DIR_OR_GS}
+    catalog-index verify   --index DIR [--version V]
+    catalog-index gc       --output DIR [--keep N] [--older-than DAYS] [--dry-run]
     catalog-index sample   --output DIR   (a generated catalog and tiny encoders)
+
+Exit status: 0 done, 1 a data or run failure (the input, a check, another run holding
+the output), 2 a usage or configuration error; either way one line on stderr.
 """
 
 import logging
 import os
 import sys
 
-USAGE = """usage: catalog-index {index,backfill,models,sample} [options]
+USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample} [options]
 
   index      build and publish one index version from a catalog
   backfill   build one version per date from a dated catalog pattern
+  verify     check a published version against its manifest (every file's sha256)
+  gc         remove abandoned and replaced releases, and old versions
   models     list, build or export the built-in pretrained encoders
   sample     write a generated sample catalog and tiny encoders (no network)
 
@@ -42,6 +49,7 @@ def _setup_logging():
 
 
 def _index(argv):
+    from pipelines import flags
     from pipelines import index_pipeline
     from pipelines.options import IndexOptions
 
@@ -55,6 +63,7 @@ def _index(argv):
         IndexOptions._add_argparse_args(parser)
         parser.print_help()
         return 0
+    flags.check_pipeline_flags(argv, "catalog-index index")
     result = index_pipeline.run(argv)
     print(result.summary())
     return 0
@@ -72,11 +81,10 @@ def _backfill(argv):
 
 
 def _models(argv):
-    import argparse
-
     from embedding import builtin
+    from pipelines import flags
 
-    parser = argparse.ArgumentParser(prog="catalog-index models",
+    parser = flags.ArgumentParser(prog="catalog-index models",
                                      description="Built-in pretrained encoders (converted on first use, offline).")
     parser.add_argument("--model-cache", "--model_cache", dest="model_cache", default=None,
                         help=f"cache folder (default ${builtin.CACHE_ENV} or ~/.cache/catalog-index/models)")
@@ -92,7 +100,7 @@ def _models(argv):
     if args.action == "list":
         for m in builtin.MODELS.values():
             path = builtin.model_path(m.name, args.model_cache)
-            state = "built" if os.path.exists(os.path.join(path, ".complete")) else "not built"
+            state = "built" if builtin.is_built(m.name, args.model_cache) else "not built"
             print(f"{builtin.PREFIX + m.name:30s} {m.kind:5s} {m.output_dim:5d}-d  {state:9s}  {m.description}")
     elif args.action == "build":
         for name in names:
@@ -103,6 +111,30 @@ def _models(argv):
     return 0
 
 
+def _verify(argv):
+    from pipelines import flags
+    from pipelines import publication
+
+    parser = flags.ArgumentParser(
+        prog="catalog-index verify",
+        description="Check a published version: its manifest (schema, accounting) and the size and sha256 of "
+                    "every file it lists. Exit 1 naming the first bad file.")
+    parser.add_argument("--index", required=True, help="output root of `catalog-index index` (local or gs://)")
+    parser.add_argument("--version", default=None, help="version to check (default: the one LATEST names)")
+    args = parser.parse_args(argv)
+    checked = publication.verify(args.index, args.version)
+    print(f"ok: {checked.pointer.path} ({checked.files} files, {checked.bytes} bytes, "
+          f"{checked.manifest['counts']['indexed']} items) matches its manifest")
+    return 0
+
+
+def _gc(argv):
+    from pipelines import flags
+    from pipelines import gc
+
+    return gc.main(argv, flags.ArgumentParser(prog="catalog-index gc", description=gc.__doc__.split("\n\n")[0]))
+
+
 def _sample(argv):
     from catalog_index import sample
 
@@ -110,7 +142,8 @@ def _sample(argv):
     return 0
 
 
-COMMANDS = {"index": _index, "backfill": _backfill, "models": _models, "sample": _sample}
+COMMANDS = {"index": _index, "backfill": _backfill, "verify": _verify, "gc": _gc, "models": _models,
+            "sample": _sample}
 
 
 def main(argv=None) -> int:
@@ -127,7 +160,7 @@ def main(argv=None) -> int:
     except CatalogIndexError as e:
         # One line: the message already says what to fix; tracebacks are for bugs, not for users.
         print(f"catalog-index {argv[0]}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return e.exit_status
 
 
 if __name__ == "__main__":

@@ -6,11 +6,23 @@ about single rows never raise out of a pipeline: they become rejected rows.
 
 
 class CatalogIndexError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Base class of every error this project raises on purpose.
+
+    ``exit_status`` is what the CLI exits with: 2 for usage and configuration
+    (fix the command), 1 for data and run failures (fix the input, or retry).
+    """
+
+    exit_status = 1
 
 
 class ConfigError(CatalogIndexError):
     """A flag, path or model is unusable; the message says how to fix it."""
+
+    exit_status = 2
+
+
+class UsageError(ConfigError):
+    """The command line itself is wrong (unknown flag, missing argument)."""
 
 
 class CatalogSchemaError(ConfigError):
@@ -34,6 +46,14 @@ class DataError(CatalogIndexError):
 
 class PublicationError(CatalogIndexError):
     """The run produced output that must not be published (failed checks or limits)."""
+
+
+class VerificationError(PublicationError):
+    """A published version does not match its manifest (missing, changed or extra file)."""
+
+
+class LeaseHeldError(PublicationError):
+    """Another run holds the output root's publication lease; the message names it."""
 
 
 _NOISE = ("Detected at node", "<stack traces", "[[", "Graph execution error")

@@ -322,8 +322,10 @@ def generate_catalog(out_dir: str, n_items: int = 300, seed: int = 0, bad_rows: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="catalog_index.sample",
+    from pipelines import flags
+
+    parser = flags.ArgumentParser(
+        prog="catalog-index sample",
         description="Write a sample catalog with real images and tiny TF Hub style encoders.",
     )
     parser.add_argument("--output", required=True, help="directory to write into")

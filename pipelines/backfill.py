@@ -2,7 +2,8 @@
 
 ``--catalog-pattern 'gs://bucket/catalog/dt={date}/*.parquet' --from D1 --to D2``
 runs the index pipeline once per date (ISO ``YYYY-MM-DD``, inclusive), naming
-the version after the date. Dates already published are skipped unless
+the version after the date; its snapshot is the date's midnight (UTC), so a
+backfilled date never moves LATEST back from a newer version. Dates already published are skipped unless
 ``--force``. A failing date does not stop the others; the exit status says
 whether all of them succeeded.
 """
@@ -15,8 +16,9 @@ from typing import Callable, Optional
 
 from catalog_index.errors import CatalogIndexError, ConfigError, brief
 from pipelines import files
+from pipelines import flags
 from pipelines import index_pipeline
-from schemas import manifest as mf
+from schemas import layout
 
 _log = logging.getLogger(__name__)
 
@@ -29,7 +31,9 @@ def _date(value: str) -> datetime.date:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="catalog-index backfill", description=__doc__.split("\n\n")[0])
+    parser = flags.ArgumentParser(
+        prog="catalog-index backfill", description=__doc__.split("\n\n")[0],
+        epilog="Every other `catalog-index index` flag (and any Beam flag) passes through to each date's run.")
     parser.add_argument("--catalog-pattern", required=True,
                         help="Catalog glob with a {date} placeholder, e.g. 'gs://b/catalog/dt={date}/*.parquet'.")
     parser.add_argument("--from", dest="start", type=_date, required=True, help="First date, YYYY-MM-DD.")
@@ -37,11 +41,12 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="Output root, as for `catalog-index index`.")
     parser.add_argument("--force", action="store_true", help="Rebuild dates that are already published.")
     args, rest = parser.parse_known_args(argv)
+    flags.check_pipeline_flags(rest, "catalog-index backfill")
     if "{date}" not in args.catalog_pattern:
         raise ConfigError("--catalog-pattern must contain {date}, e.g. 'catalog/dt={date}/*.parquet'")
     if args.end < args.start:
         raise ConfigError(f"--to {args.end} is before --from {args.start}")
-    for flag in ("--catalog", "--version"):
+    for flag in ("--catalog", "--version", "--snapshot-time", "--snapshot_time"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             raise ConfigError(f"backfill sets {flag} itself for each date; remove it")
     return args, rest
@@ -63,12 +68,13 @@ def run(argv=None, index_run: Optional[Callable] = None) -> list:
     while day <= args.end:
         date = day.isoformat()
         day += datetime.timedelta(days=1)
-        published = files.exists(files.join(args.output.rstrip("/"), date, mf.MANIFEST_FILE))
+        published = files.exists(files.join(args.output.rstrip("/"), date, layout.CURRENT_FILE))
         if published and not args.force:
             outcomes.append(DateOutcome(date, "skipped", "already published (use --force to rebuild)"))
             continue
         argv_date = ["--catalog", args.catalog_pattern.replace("{date}", date), "--output", args.output,
-                     "--version", date, *rest] + (["--force"] if args.force else [])
+                     "--version", date, "--snapshot-time", layout.date_snapshot(date), *rest
+                     ] + (["--force"] if args.force else [])
         try:
             result = index_run(argv_date)
         except CatalogIndexError as e:

@@ -6,8 +6,8 @@ never through ``open``/``os`` directly, so that any filesystem Beam knows works.
 
 import hashlib
 import io
-import posixpath
-from typing import Iterable, Optional
+import uuid
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,7 +54,8 @@ def write_atomically(path: str, data: bytes) -> None:
     file: a local rename replaces the target atomically, and an object store's
     rename (copy, then delete the source) overwrites it in one object write.
     """
-    tmp = f"{path}.tmp-{hashlib.sha256(data).hexdigest()[:12]}"
+    # Unique per writer: two runs never share (or delete) each other's temp file.
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     write_bytes(tmp, data)
     FileSystems.rename([tmp], [path])
 
@@ -86,13 +87,13 @@ def checksum(path: str) -> tuple:
     return size, digest.hexdigest()
 
 
-def write_parquet(path: str, table: pa.Table) -> int:
-    """Writes a table as one Parquet file; returns its size in bytes."""
+def write_parquet(path: str, table: pa.Table) -> tuple:
+    """Writes a table as one Parquet file; returns (size, sha256 hex) of what was written."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue()
     write_bytes(path, data)
-    return len(data)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 def read_parquet(path: str, columns: Optional[list] = None) -> pa.Table:
@@ -116,20 +117,6 @@ def mkdirs(path: str) -> None:
         FileSystems.mkdirs(path)
     except (IOError, OSError, BeamIOError):
         pass
-
-
-def move_tree(src_dir: str, dst_dir: str, files: Iterable[str]) -> None:
-    """Moves files (given as paths relative to src_dir) to the same place below dst_dir.
-
-    Re-runnable: a file already moved (absent below src, present below dst) is
-    skipped, so a retried publication finishes the job instead of failing.
-    """
-    for rel in files:
-        src, dst = join(src_dir, rel), join(dst_dir, rel)
-        if not FileSystems.exists(src) and FileSystems.exists(dst):
-            continue
-        mkdirs(posixpath.dirname(dst))
-        FileSystems.rename([src], [dst])  # replaces dst, as in write_atomically
 
 
 def delete_tree(directory: str) -> None:

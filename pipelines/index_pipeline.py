@@ -3,12 +3,14 @@
     ReadCatalog | ValidateItems | DeduplicateItems | BatchItems | EncodeItems | FuseEmbeddings
                 | WriteAnnoyShards | PublishIndex
 
-Everything is written below ``OUTPUT/_staging/<version>.<run id>/`` first. ``PublishIndex``
-runs once all of it is complete: it checks the accounting and the rejected
-fraction, verifies every shard's checksum, moves the files to
-``OUTPUT/<version>/``, writes ``manifest.json`` and then ``OUTPUT/LATEST``. A
-failed or interrupted run never reaches the last two steps, so readers that
-follow LATEST never see it.
+The run holds the output root's lease (pipelines/lease.py) and writes into a new
+release folder ``OUTPUT/<version>/<release>/`` that no pointer names yet.
+``PublishIndex`` runs once all of it is complete: it checks the accounting and
+the limits, writes ``manifest.json`` (size and sha256 of every file), verifies
+the release as ``catalog-index verify`` does, and only then moves
+``<version>/CURRENT`` and ``LATEST`` by compare-and-swap (schemas/layout.py).
+A failed or killed run never moves a pointer, so readers that follow LATEST
+never see it; a failed run removes its own folder, ``gc`` a killed one's.
 """
 
 import datetime
@@ -19,51 +21,62 @@ import time
 from typing import Optional
 
 import apache_beam as beam
-import pyarrow.parquet as pq
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 import catalog_index
-from catalog_index.errors import PublicationError
+from catalog_index.errors import CatalogIndexError, ConfigError, PublicationError, VerificationError
 from pipelines import files
+from pipelines import lease
 from pipelines import progress
+from pipelines import publication as pub
 from pipelines import transforms as tr
-from pipelines.options import STAGING_DIR, IndexOptions, IndexPlan
+from pipelines.options import IndexOptions, IndexPlan
+from schemas import layout
 from schemas import manifest as mf
 from schemas import rejected as rej
 
 _log = logging.getLogger(__name__)
 
 
-def _parquet_rows(path: str) -> int:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 def _count(reasons) -> dict:
     return {reason: int(n) for reason, n in sorted(dict(reasons).items())}
 
 
-def _version_files(manifest: dict) -> set:
-    """Every data file of a version, relative to its directory (the manifest itself aside)."""
-    out = set()
-    for shard in manifest["shards"]:
-        out.update((shard["path"], shard["id_map"], shard["embeddings"]))
-    for paths in manifest["tables"].values():
-        out.update(paths)
-    return out
-
-
 class _Publish(beam.DoFn):
-    """Checks, moves and announces the finished version (runs once, on one worker)."""
+    """Checks, seals and announces the finished release (runs once, on one worker).
 
-    def __init__(self, plan: IndexPlan, options: dict, max_rejected_fraction: float, trees: int, seed: int):
+    Order: limits and accounting, checksums of every file, manifest (written
+    last into the release folder), the same verification ``catalog-index
+    verify`` runs, then ``<version>/CURRENT`` and ``LATEST`` by compare-and-swap.
+    A kill at any point leaves the pointers on complete, verified releases.
+    """
+
+    def __init__(self, plan: IndexPlan, options: dict, limits: dict, trees: int, seed: int, lease_seconds: int):
         self._plan = plan
         self._options = options
-        self._max_rejected_fraction = max_rejected_fraction
+        self._limits = limits
         self._trees = trees
         self._seed = seed
+        self._lease_seconds = lease_seconds
+
+    def _check_limits(self, read, rejected_by_reason, indexed, degraded_by_reason):
+        rejected = sum(rejected_by_reason.values())
+        fraction = rejected / read if read else 0.0
+        if fraction > self._limits["max_rejected_fraction"]:
+            raise PublicationError(
+                f"{rejected} of {read} rows rejected ({fraction:.1%}), over --max-rejected-fraction "
+                f"{self._limits['max_rejected_fraction']:.1%}; by reason: {rejected_by_reason}. Nothing was "
+                f"published (LATEST was not touched)")
+        degraded = sum(degraded_by_reason.values())
+        fraction = degraded / indexed if indexed else 0.0
+        if fraction > self._limits["max_degraded_fraction"]:
+            raise PublicationError(
+                f"{degraded} of {indexed} indexed items lost their image ({fraction:.1%}), over "
+                f"--max-degraded-fraction {self._limits['max_degraded_fraction']:.1%}; by reason: "
+                f"{degraded_by_reason}. Nothing was published (LATEST was not touched); is the image store "
+                f"reachable? Raise the limit if this is expected")
+        if indexed == 0:
+            raise PublicationError(f"no item of the {read} rows read could be indexed; nothing was published")
 
     def process(self, _, shards, read, rejected_counts, degraded_counts, rejected_files, degraded_files):
         plan = self._plan
@@ -71,19 +84,28 @@ class _Publish(beam.DoFn):
         rejected_by_reason = _count(rejected_counts)
         degraded_by_reason = _count(degraded_counts)
         read = int(read)
-        rejected = sum(rejected_by_reason.values())
-        fraction = rejected / read if read else 0.0
-        if fraction > self._max_rejected_fraction:
-            raise PublicationError(
-                f"{rejected} of {read} rows rejected ({fraction:.1%}), over --max-rejected-fraction "
-                f"{self._max_rejected_fraction:.1%}; by reason: {rejected_by_reason}. Nothing was published; "
-                f"see {files.join(plan.staging_dir, 'rejected')}"
-            )
+        indexed = sum(s.count for s in shards)
+        self._check_limits(read, rejected_by_reason, indexed, degraded_by_reason)
+
+        entries = {}
+        for shard in shards:
+            entries.update(shard.file_entries())
+        tables = {
+            "embeddings": [s.embeddings for s in shards],
+            "rejected": sorted(files.relative(p, plan.release_dir) for p in rejected_files),
+            "degraded": sorted(files.relative(p, plan.release_dir) for p in degraded_files),
+        }
+        for rel in tables["rejected"] + tables["degraded"]:
+            size, sha = files.checksum(files.join(plan.release_dir, rel))
+            entries[rel] = {"size": size, "sha256": sha}
         manifest = {
             "format_version": mf.FORMAT_VERSION,
             "version": plan.version,
+            "release": plan.release,
+            "snapshot": plan.snapshot,
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "catalog": {"pattern": plan.catalog_pattern, "files": list(plan.catalog_files)},
+            "inputs": plan.inputs(),
             "dimension": plan.fusion.dim,
             "metric": "angular",
             "trees": self._trees,
@@ -91,15 +113,12 @@ class _Publish(beam.DoFn):
             "encoders": {"text": plan.text_encoder.to_json(), "image": plan.image_encoder.to_json()},
             "fusion": plan.fusion.to_json(),
             "shards": [s.to_json() for s in shards],
-            "tables": {
-                "embeddings": [s.embeddings for s in shards],
-                "rejected": sorted(files.relative(p, plan.staging_dir) for p in rejected_files),
-                "degraded": sorted(files.relative(p, plan.staging_dir) for p in degraded_files),
-            },
+            "tables": tables,
+            "files": dict(sorted(entries.items())),
             "counts": {
                 "read": read,
-                "indexed": sum(s.count for s in shards),
-                "rejected": rejected,
+                "indexed": indexed,
+                "rejected": sum(rejected_by_reason.values()),
                 "rejected_by_reason": rejected_by_reason,
                 "degraded": sum(degraded_by_reason.values()),
                 "degraded_by_reason": degraded_by_reason,
@@ -108,64 +127,39 @@ class _Publish(beam.DoFn):
             "tool": {"name": "catalog-index", "version": catalog_index.__version__},
         }
         mf.validate_manifest(manifest)
-        self._verify(manifest, plan.staging_dir, checksums=True)
-
-        # Whatever is in the version directory and not part of this version goes first: the
-        # replaced version (--force) or leftovers of an interrupted run. Files this version
-        # already moved stay, so a retried publication completes instead of failing.
-        wanted = _version_files(manifest)
-        stale = [p for p in files.list_files(plan.version_dir) if files.relative(p, plan.version_dir) not in wanted]
-        if stale:
-            FileSystems.delete(stale)
-        files.move_tree(plan.staging_dir, plan.version_dir, sorted(wanted))
-        # Renames keep content; sizes catch a move that went wrong without re-reading everything.
-        self._verify(manifest, plan.version_dir, checksums=False)
-        files.write_atomically(files.join(plan.version_dir, mf.MANIFEST_FILE), mf.dumps(manifest))
-        self._update_latest(plan)
-        files.delete_tree(plan.staging_dir)
-        staging_root = files.join(plan.output, STAGING_DIR)
-        if not files.list_files(staging_root):
-            files.delete_tree(staging_root)
+        raw = mf.dumps(manifest)
+        pub.failpoint("before_manifest")
+        files.write_atomically(files.join(plan.release_dir, layout.MANIFEST_FILE), raw)
+        pub.failpoint("after_manifest")
+        # What was written is what the manifest says, read back: the same check as `catalog-index verify`.
+        pub.verify_release(plan.release_dir)
+        pointer = layout.Pointer(plan.version, plan.release, plan.snapshot, pub.sha256_bytes(raw))
+        owner = lease.Lease(plan.output, plan.run_id, plan.version, seconds=self._lease_seconds)
+        pub.switch_pointers(plan.output, pointer, plan.force, identical=_same_content(plan.output, manifest),
+                            lease=owner)
         yield manifest
 
-    def _verify(self, manifest, base, checksums):
-        tables = manifest["tables"]
-        for shard in manifest["shards"]:
-            path = files.join(base, shard["path"])
-            if checksums:
-                size, sha = files.checksum(path)
-                if (size, sha) != (shard["size"], shard["sha256"]):
-                    raise PublicationError(f"{path}: content differs from what was built "
-                                           f"({size} bytes, sha256 {sha[:12]}...)")
-            elif files.size(path) != shard["size"]:
-                raise PublicationError(f"{path}: size differs from what was built")
-            for key in ("id_map", "embeddings"):
-                rows = _parquet_rows(files.join(base, shard[key]))
-                if rows != shard["count"]:
-                    raise PublicationError(f"{shard[key]}: {rows} rows, shard holds {shard['count']}")
-        for table, expected in (("rejected", manifest["counts"]["rejected"]),
-                                ("degraded", manifest["counts"]["degraded"])):
-            rows = sum(_parquet_rows(files.join(base, p)) for p in tables[table])
-            if rows != expected:
-                raise PublicationError(f"{table} table holds {rows} rows, counted {expected}")
 
-    @staticmethod
-    def _update_latest(plan: IndexPlan):
-        latest = files.join(plan.output, mf.LATEST_FILE)
-        current = files.read_bytes(latest).decode().strip() if files.exists(latest) else None
-        # LATEST only moves forward, so backfilling an old date never hides a newer version.
-        if current is not None and current > plan.version:
-            _log.warning("published %s; LATEST stays at the later version %s", plan.version, current)
-            return
-        files.write_atomically(latest, (plan.version + "\n").encode())
+def _same_content(output: str, manifest: dict):
+    """identical(pointer): whether the release a pointer names has this manifest's content
+    (same inputs digest and the same shard files), so a rerun can keep it instead of failing."""
+    def identical(pointer) -> bool:
+        try:
+            other = pub.verify_release(files.join(output, pointer.path), pointer, checksums=False).manifest
+        except CatalogIndexError:
+            return False
+        return (other["inputs"]["digest"] == manifest["inputs"]["digest"]
+                and [s["sha256"] for s in other["shards"]] == [s["sha256"] for s in manifest["shards"]])
+
+    return identical
 
 
 class PublishIndex(beam.PTransform):
     """Waits for every output of the run, then checks and publishes the version (see _Publish)."""
 
-    def __init__(self, plan: IndexPlan, options: dict, max_rejected_fraction: float, trees: int, seed: int):
+    def __init__(self, plan: IndexPlan, options: dict, limits: dict, trees: int, seed: int, lease_seconds: int):
         super().__init__()
-        self._publish = _Publish(plan, options, max_rejected_fraction, trees, seed)
+        self._publish = _Publish(plan, options, limits, trees, seed, lease_seconds)
 
     def expand(self, inputs):
         as_dict = beam.pvalue.AsDict
@@ -202,7 +196,7 @@ class WriteRows(beam.PTransform):
 
 def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     """Adds the whole index pipeline to ``p``; returns the PCollection of the published manifest."""
-    staging = plan.staging_dir
+    staging = plan.release_dir  # written straight into the new release folder; nothing names it yet
     rows = p | "ReadCatalog" >> tr.ReadCatalog(plan.catalog_files)
     valid = rows | "ValidateItems" >> tr.ValidateItems()
     unique = valid["items"] | "DeduplicateItems" >> tr.DeduplicateItems()
@@ -213,7 +207,8 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
         batch_size=opts.batch_size,
         max_pixels=opts.max_image_pixels,
         reject_on_image_error=opts.reject_on_image_error, large_model=opts.large_model,
-        model_cache=opts.model_cache)
+        model_cache=opts.model_cache, image_timeout=opts.image_timeout,
+        allow_private_hosts=bool(opts.allow_private_image_hosts), image_root=opts.image_root)
     fused = encoded["items"] | "FuseEmbeddings" >> tr.FuseEmbeddings(plan.fusion)
     shards = fused["items"] | "WriteAnnoyShards" >> tr.WriteAnnoyShards(
         staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed)
@@ -228,13 +223,8 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     _ = rejected | "CountRejectedMetric" >> beam.Map(lambda r: progress.counter(f"rejected_{r.reason}").inc())
     _ = degraded | "CountDegradedMetric" >> beam.Map(lambda r: progress.counter(f"degraded_{r.reason}").inc())
 
-    options = {
-        "shards": opts.shards,
-        "batch_size": opts.batch_size,
-        "max_rejected_fraction": opts.max_rejected_fraction,
-        "reject_on_image_error": bool(opts.reject_on_image_error),
-        "max_image_pixels": opts.max_image_pixels,
-    }
+    limits = {"max_rejected_fraction": opts.max_rejected_fraction, "max_degraded_fraction": opts.max_degraded_fraction}
+    options = {**plan.content_options, **limits}
     return {
         "shards": shards,
         "read": rows | "CountRead" >> beam.combiners.Count.Globally(),
@@ -244,18 +234,26 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
         | "CountDegraded" >> beam.combiners.Count.PerElement(),
         "rejected_files": rejected_files,
         "degraded_files": degraded_files,
-    } | "PublishIndex" >> PublishIndex(plan, options, opts.max_rejected_fraction, opts.trees, opts.seed)
+    } | "PublishIndex" >> PublishIndex(plan, options, limits, opts.trees, opts.seed, opts.lease_seconds)
 
 
 class IndexRunResult:
-    """What ``run`` returns: the published manifest and how long it took."""
+    """What ``run`` returns: the published manifest, where the pointers ended, how long it took."""
 
-    def __init__(self, plan, manifest, wall_s, pipeline_result, validation_s=0.0):
+    def __init__(self, plan, manifest, wall_s, pipeline_result, validation_s=0.0, outcome=None, note=""):
         self.plan = plan
         self.manifest = manifest
         self.wall_s = wall_s  # from parsing the options to publication, validation included
         self.validation_s = validation_s
         self.pipeline_result = pipeline_result
+        self.outcome = outcome  # publication.Outcome-like: current / latest pointers after the run
+        self.note = note  # e.g. "already published with identical inputs"
+
+    @property
+    def release_dir(self) -> str:
+        if self.outcome is not None:
+            return files.join(self.plan.output, self.outcome.current.path)
+        return self.plan.release_dir
 
     def summary(self) -> str:
         if self.manifest is None:
@@ -264,34 +262,134 @@ class IndexRunResult:
         rate = c["indexed"] / self.wall_s if self.wall_s > 0 else float("nan")
         reasons = ", ".join(f"{k}={v}" for k, v in c["rejected_by_reason"].items()) or "none"
         degraded = ", ".join(f"{k}={v}" for k, v in c["degraded_by_reason"].items()) or "none"
+        latest = self.outcome.latest if self.outcome is not None else None
+        if latest is not None and latest.version == self.plan.version:
+            where = "LATEST names it"
+        else:
+            where = (f"LATEST stays at {latest.version} (snapshot {latest.snapshot} is not earlier than "
+                     f"{self.manifest['snapshot']})" if latest is not None else "LATEST was not moved")
+        head = f"published {self.release_dir}" + (f" ({self.note})" if self.note else "")
         return (
-            f"published {self.plan.version_dir}\n"
+            f"{head}\n"
             f"  read {c['read']}, indexed {c['indexed']} in {len(self.manifest['shards'])} shard(s), "
             f"rejected {c['rejected']} ({reasons}), degraded {c['degraded']} ({degraded})\n"
+            f"  {where}\n"
             f"  wall time {self.wall_s:.1f}s (validation and model probes {self.validation_s:.1f}s), "
             f"{rate:.1f} items/s"
         )
+
+
+def _finish_existing(plan: IndexPlan, opts: IndexOptions, owner: lease.Lease) -> Optional[tuple]:
+    """A rerun of a version that is already published, or whose release is complete but not yet
+    named (a run killed between its manifest and its pointers): finish it instead of redoing it.
+
+    Returns (manifest, outcome, note) when done; None when the pipeline must run. Raises
+    ConfigError when the version is published from other inputs and --force is not given.
+    """
+    digest = plan.inputs()["digest"]
+    current, _ = pub.read_pointer(files.join(plan.version_dir, layout.CURRENT_FILE))
+    if current is not None:
+        try:
+            live = pub.verify_release(files.join(plan.output, current.path), current)
+        except VerificationError as e:
+            _log.warning("the live release of %s does not verify (%s); publishing a new one", plan.version, e)
+            return None
+        if live.manifest["inputs"]["digest"] == digest and not plan.force:
+            pointer = current
+        elif plan.force:
+            return None
+        else:
+            raise ConfigError(f"version {plan.version!r} is already published ({current.path}) from other inputs "
+                              f"(catalog, encoders or options differ); pick another --version or pass --force "
+                              f"to publish a replacement")
+        outcome = pub.switch_pointers(plan.output, pointer, force=False, lease=owner)
+        return live.manifest, outcome, "already published with identical inputs; nothing rebuilt"
+    if plan.force:
+        return None
+    # A complete release that no pointer names yet, from the same inputs: adopt the newest.
+    releases = sorted({files.relative(p, plan.version_dir).split("/")[0] for p in files.list_files(plan.version_dir)
+                       if p.endswith("/" + layout.MANIFEST_FILE)}, reverse=True)
+    for release in filter(layout.is_release_id, releases):
+        release_dir = files.join(plan.version_dir, release)
+        try:
+            found = pub.verify_release(release_dir)
+        except VerificationError:
+            continue
+        if found.manifest["inputs"]["digest"] != digest:
+            continue
+        raw = files.read_bytes(files.join(release_dir, layout.MANIFEST_FILE))
+        pointer = layout.Pointer(plan.version, release, found.manifest["snapshot"], pub.sha256_bytes(raw))
+        outcome = pub.switch_pointers(plan.output, pointer, force=False, lease=owner)
+        return found.manifest, outcome, f"finished the publication of the complete release {release}"
+    return None
+
+
+def _outcome_now(plan: IndexPlan):
+    current, _ = pub.read_pointer(files.join(plan.version_dir, layout.CURRENT_FILE))
+    try:
+        latest, _ = pub.read_pointer(files.join(plan.output, layout.LATEST_FILE))
+    except VerificationError:
+        latest = None
+    return pub.Outcome(current, latest, current is not None and current.release == plan.release,
+                       latest is not None and latest.release == plan.release)
+
+
+def _remove_own_release(plan: IndexPlan) -> None:
+    """A failed run removes its own release folder, unless a pointer already names it."""
+    try:
+        current, _ = pub.read_pointer(files.join(plan.version_dir, layout.CURRENT_FILE))
+        if current is not None and current.release == plan.release:
+            return
+        files.delete_tree(plan.release_dir)
+    except Exception as e:  # cleaning up must not hide the failure itself
+        _log.warning("could not remove %s after the failure (gc will): %s", plan.release_dir, e)
 
 
 def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunResult:
     """Validates the options, builds and runs the pipeline, and returns the published manifest.
 
     ``argv`` holds app flags and any Beam flags (``--runner``, ``--direct_num_workers``, ...).
-    Raises ConfigError before building anything when the options are unusable.
+    Raises ConfigError before building anything when the options are unusable, LeaseHeldError
+    when another run publishes to the same output root.
     """
     start = time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc)
     options = PipelineOptions(argv if argv is not None else sys.argv[1:])
     opts = options.view_as(IndexOptions)
-    plan = opts.validate()
-    validated = time.perf_counter()
-    # DoFns reference module-level code of this package; workers need the main session for nothing.
-    options.view_as(SetupOptions).save_main_session = False
-    p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
-    _log.info("indexing %d catalog file(s) into %s", len(plan.catalog_files), plan.version_dir)
-    build_pipeline(p, plan, opts)
-    result = p.run()
-    result.wait_until_finish()
-    wall = time.perf_counter() - start
-    manifest_path = files.join(plan.version_dir, mf.MANIFEST_FILE)
-    manifest = json.loads(files.read_bytes(manifest_path)) if files.exists(manifest_path) else None
-    return IndexRunResult(plan, manifest, wall, result, validation_s=validated - start)
+    opts.check()
+    # Validation writes nothing, so a configuration error leaves no trace in the output root.
+    plan = opts.validate(started=started)
+    owner = lease.Lease(plan.output, plan.run_id, plan.version, seconds=opts.lease_seconds).acquire()
+    try:
+        owner.start_heartbeat()
+        finished = _finish_existing(plan, opts, owner)
+        if finished is not None:
+            manifest, outcome, note = finished
+            return IndexRunResult(plan, manifest, time.perf_counter() - start, None,
+                                  validation_s=time.perf_counter() - start, outcome=outcome, note=note)
+        validated = time.perf_counter()
+        # DoFns reference module-level code of this package; workers need the main session for nothing.
+        options.view_as(SetupOptions).save_main_session = False
+        p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+        _log.info("indexing %d catalog file(s) into %s", len(plan.catalog_files), plan.release_dir)
+        build_pipeline(p, plan, opts)
+        result = p.run()
+        result.wait_until_finish()
+        wall = time.perf_counter() - start
+        manifest_path = files.join(plan.release_dir, layout.MANIFEST_FILE)
+        manifest = json.loads(files.read_bytes(manifest_path)) if files.exists(manifest_path) else None
+        outcome = _outcome_now(plan) if manifest is not None else None
+        note = ""
+        if outcome is not None and outcome.current is not None and outcome.current.release != plan.release:
+            # Another run published identical content first; ours was redundant.
+            note = f"identical to the live release {outcome.current.release}, which stays"
+            files.delete_tree(plan.release_dir)
+            manifest = pub.verify_release(files.join(plan.output, outcome.current.path), outcome.current,
+                                          checksums=False).manifest
+        return IndexRunResult(plan, manifest, wall, result, validation_s=validated - start, outcome=outcome,
+                              note=note)
+    except BaseException:
+        _remove_own_release(plan)
+        raise
+    finally:
+        owner.release()

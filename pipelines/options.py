@@ -9,8 +9,8 @@ fails at once with one line that says how to fix it.
 import concurrent.futures
 import dataclasses
 import datetime
-import re
-import uuid
+import hashlib
+import json
 from typing import Optional
 
 import pyarrow.parquet as pq
@@ -18,17 +18,15 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from catalog_index.errors import CatalogSchemaError, ConfigError, brief
+from catalog_index.errors import CatalogSchemaError, ConfigError, PublicationError, brief
 from embedding import builtin
 from embedding import encoders as enc
 from embedding import fusion as fus
 from embedding import images
 from pipelines import files
+from pipelines import lease
 from schemas import catalog as cat
-from schemas import manifest as mf
-
-_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-STAGING_DIR = "_staging"
+from schemas import layout
 
 
 def default_version(now: Optional[datetime.datetime] = None) -> str:
@@ -87,11 +85,33 @@ class IndexOptions(PipelineOptions):
                             default=images.DEFAULT_MAX_PIXELS, help="Larger images are refused undecoded.")
         parser.add_argument("--large-model", "--large_model", dest="large_model", action="store_true",
                             help="Load one encoder copy per machine, shared by its processes.")
+        parser.add_argument("--max-degraded-fraction", "--max_degraded_fraction", dest="max_degraded_fraction",
+                            type=float, default=0.10,
+                            help="Fail before publication when more than this fraction of the indexed items lost "
+                                 "their image (default 0.10).")
+        parser.add_argument("--snapshot-time", "--snapshot_time", dest="snapshot_time", default=None,
+                            help="What time the catalog describes (ISO 8601, UTC by default); LATEST only moves to "
+                                 "a later snapshot. Default: the run's start (backfill: the date).")
+        parser.add_argument("--image-timeout", "--image_timeout", dest="image_timeout", type=float,
+                            default=images.DEFAULT_TIMEOUT_S,
+                            help="Overall deadline in seconds for fetching one image (connect, headers, body, "
+                                 "object-store retries). Default 30.")
+        parser.add_argument("--allow-private-image-hosts", "--allow_private_image_hosts",
+                            dest="allow_private_image_hosts", action="store_true",
+                            help="Allow http(s) images from loopback, private and link-local addresses "
+                                 "(intranet catalogs); refused by default.")
+        parser.add_argument("--image-root", "--image_root", dest="image_root", default=None,
+                            help="Only read local and object-store images below this prefix.")
+        parser.add_argument("--lease-seconds", "--lease_seconds", dest="lease_seconds", type=int,
+                            default=lease.DEFAULT_SECONDS,
+                            help="Expiry of the output root's publication lease, renewed while the run lives; "
+                                 "a crashed run blocks others at most this long (default 300).")
         parser.add_argument("--force", action="store_true",
-                            help="Replace an already published version of the same name.")
+                            help="Publish even if the version is already published with other content (as a new "
+                                 "release; the old one stays until gc) or its folder holds foreign files.")
 
-    def validate(self) -> "IndexPlan":
-        """Checks every option and input; returns the plan or raises ConfigError."""
+    def check(self) -> str:
+        """The checks that need no I/O; returns the output root. Runs before the lease is taken."""
         if not self.catalog:
             raise ConfigError("--catalog is required: a Parquet path or glob")
         if not self.output:
@@ -100,43 +120,96 @@ class IndexOptions(PipelineOptions):
         _positive("trees", self.trees)
         _positive("batch-size", self.batch_size)
         _positive("max-image-pixels", self.max_image_pixels)
+        _positive("lease-seconds", self.lease_seconds, 10)
         if self.dimension is not None:
             _positive("dimension", self.dimension)
         if self.image_size is not None:
             _positive("image-size", self.image_size)
-        if not 0.0 <= self.max_rejected_fraction <= 1.0:
-            raise ConfigError(f"--max-rejected-fraction must be within [0, 1], got {self.max_rejected_fraction}")
+        for flag, value in (("max-rejected-fraction", self.max_rejected_fraction),
+                            ("max-degraded-fraction", self.max_degraded_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"--{flag} must be within [0, 1], got {value}")
+        if not self.image_timeout > 0:
+            raise ConfigError(f"--image-timeout must be > 0 seconds, got {self.image_timeout}")
         if self.text_weight < 0 or self.image_weight < 0 or self.text_weight + self.image_weight == 0:
             raise ConfigError("--text-weight and --image-weight must be >= 0 and not both 0")
-        version = self.index_version or default_version()
-        if not _VERSION_RE.match(version):
-            raise ConfigError(f"--version {version!r} must be letters, digits, '.', '_' or '-' (not first)")
+        if self.index_version is not None:
+            layout.check_version_name(self.index_version)
+        if self.snapshot_time is not None:
+            layout.parse_time(self.snapshot_time)
+        return self.output.rstrip("/")
 
-        output = self.output.rstrip("/")
+    def validate(self, run_id: Optional[str] = None, started: Optional[datetime.datetime] = None) -> "IndexPlan":
+        """Checks every option and input; returns the plan or raises ConfigError.
+
+        Called with the output root's lease held, so what it sees of the version folder stays true.
+        """
+        output = self.check()
+        started = started or datetime.datetime.now(datetime.timezone.utc)
+        version = self.index_version or default_version(started)
+        snapshot = layout.parse_time(self.snapshot_time) if self.snapshot_time else started
         version_dir = files.join(output, version)
-        if files.exists(files.join(version_dir, mf.MANIFEST_FILE)) and not self.force:
-            raise ConfigError(f"version {version!r} is already published in {output}; "
-                              f"pick another --version or pass --force to replace it")
+        foreign = foreign_files(version_dir)
+        if foreign and not self.force:
+            raise ConfigError(
+                f"{version_dir} holds {len(foreign)} file(s) that are not releases of this tool, e.g. "
+                f"{foreign[0]}; move them away or pass --force to publish beside them (they are never deleted)")
 
-        catalog_files, catalog_rows = match_catalog(self.catalog)
+        catalog_files, catalog_rows, catalog_inputs = match_catalog(self.catalog)
+        if catalog_rows == 0:
+            raise PublicationError(f"--catalog {self.catalog!r}: {len(catalog_files)} file(s) with no rows; "
+                                   f"nothing to publish (LATEST was not touched)")
         size = (self.image_size, self.image_size) if self.image_size else None
         text = enc.inspect_encoder(self.text_encoder, enc.TEXT, model_cache=self.model_cache)
         image = enc.inspect_encoder(self.image_encoder, enc.IMAGE, size, model_cache=self.model_cache)
         fusion = fus.inspect_fusion(self.fusion_model, text.output_dim, image.output_dim, self.dimension,
                                     self.text_weight, self.image_weight, self.seed)
+        release = layout.new_release_id(started)
         return IndexPlan(
             catalog_pattern=self.catalog,
             catalog_files=catalog_files,
             catalog_rows=catalog_rows,
+            catalog_inputs=catalog_inputs,
             output=output,
             version=version,
             version_dir=version_dir,
-            # A run id keeps two runs of the same version from writing over each other's work.
-            staging_dir=files.join(output, STAGING_DIR, f"{version}.{uuid.uuid4().hex[:8]}"),
+            release=release,
+            release_dir=files.join(version_dir, release),
+            snapshot=layout.format_time(snapshot),
+            run_id=run_id or release,
+            force=bool(self.force),
             text_encoder=text,
             image_encoder=image,
             fusion=fusion,
+            content_options=self.content_options(),
         )
+
+    def content_options(self) -> dict:
+        """The options that shape what is published (the batch size too: encoders' last bits depend on it)."""
+        return {
+            "shards": self.shards,
+            "trees": self.trees,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "reject_on_image_error": bool(self.reject_on_image_error),
+            "max_image_pixels": self.max_image_pixels,
+            "image_timeout": self.image_timeout,
+            "allow_private_image_hosts": bool(self.allow_private_image_hosts),
+            "image_root": self.image_root,
+        }
+
+
+def foreign_files(version_dir: str) -> list:
+    """Files in a version folder that are neither its CURRENT pointer (and its lock/temp files) nor releases."""
+    out = []
+    for path in files.list_files(version_dir):
+        first = files.relative(path, version_dir).split("/")[0]
+        if first == layout.CURRENT_FILE or first.startswith(".") or first.startswith(layout.CURRENT_FILE + ".tmp-"):
+            continue
+        if layout.is_release_id(first) and path != files.join(version_dir, first):
+            continue
+        out.append(path)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,21 +219,39 @@ class IndexPlan:
     catalog_pattern: str
     catalog_files: tuple
     catalog_rows: int
+    catalog_inputs: tuple  # ({"path", "size", "sha256"}, ...) in path order
     output: str
     version: str
     version_dir: str
-    staging_dir: str
+    release: str
+    release_dir: str  # OUTPUT/<version>/<release>/: this run writes here and nowhere else
+    snapshot: str
+    run_id: str
+    force: bool
     text_encoder: enc.EncoderSpec
     image_encoder: enc.EncoderSpec
     fusion: fus.FusionSpec
+    content_options: dict
+
+    def inputs(self) -> dict:
+        """The manifest's ``inputs``: catalog checksums and a digest of everything that shapes the content."""
+        shaping = {
+            "catalog": [{"sha256": c["sha256"], "size": c["size"]} for c in self.catalog_inputs],
+            "text_encoder": {k: v for k, v in self.text_encoder.to_json().items() if k != "handle"},
+            "image_encoder": {k: v for k, v in self.image_encoder.to_json().items() if k != "handle"},
+            "fusion": {k: v for k, v in self.fusion.to_json().items() if k != "path"},
+            "options": self.content_options,
+        }
+        digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+        return {"digest": "sha256:" + digest, "catalog": [dict(c) for c in self.catalog_inputs]}
 
     def encode_buckets(self, batch_size: int) -> int:
         """How many groups the items are batched in: about 8 batches per group."""
         return max(1, -(-self.catalog_rows // (batch_size * 8)))
 
 
-def _check_file(path: str) -> int:
-    """Checks one file's schema from its footer; returns its row count."""
+def _check_file(path: str) -> tuple:
+    """Checks one file's schema from its footer; returns (row count, {path, size, sha256})."""
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             meta = pq.ParquetFile(f).metadata
@@ -168,13 +259,14 @@ def _check_file(path: str) -> int:
     except Exception as e:
         raise CatalogSchemaError(f"{path}: not a readable Parquet file ({brief(e)})") from e
     cat.check_catalog_schema(schema, path)
-    return meta.num_rows
+    size, sha = files.checksum(path)
+    return meta.num_rows, {"path": path, "size": size, "sha256": sha}
 
 
 def match_catalog(pattern: str) -> tuple:
     """Matches the catalog glob and checks each file's schema (in parallel: GCS is slow per file).
 
-    Returns (sorted paths, total row count).
+    Returns (sorted paths, total row count, per-file {path, size, sha256}).
     """
     try:
         matched = FileSystems.match([pattern])[0].metadata_list
@@ -184,5 +276,5 @@ def match_catalog(pattern: str) -> tuple:
     if not paths:
         raise ConfigError(f"--catalog {pattern!r} matches no file; check the path or glob")
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-        rows = sum(future.result() for future in [pool.submit(_check_file, p) for p in paths])
-    return tuple(paths), rows
+        checked = [future.result() for future in [pool.submit(_check_file, p) for p in paths]]
+    return tuple(paths), sum(rows for rows, _ in checked), tuple(info for _, info in checked)

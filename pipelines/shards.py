@@ -60,8 +60,20 @@ class ShardInfo:
     id_map: str
     embeddings: str
 
+    # (size, sha256) of the id map and the embeddings part, as written: the manifest's ``files``.
+    id_map_checksum: tuple = ()
+    embeddings_checksum: tuple = ()
+
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        del out["id_map_checksum"], out["embeddings_checksum"]
+        return out
+
+    def file_entries(self) -> dict:
+        """{relative path: {size, sha256}} of the shard's three files."""
+        return {path: {"size": size, "sha256": sha} for path, (size, sha) in (
+            (self.path, (self.size, self.sha256)), (self.id_map, self.id_map_checksum),
+            (self.embeddings, self.embeddings_checksum))}
 
 
 @dataclasses.dataclass
@@ -103,7 +115,7 @@ def write_shard(items: Sequence[IndexedItem], index: int, num_shards: int, dim: 
 
     ids = [it.item_id for it in items]
     annoy_ids = pa.array(range(len(items)), pa.int64())
-    files.write_parquet(
+    id_map_checksum = files.write_parquet(
         files.join(version_dir, paths["id_map"]),
         pa.Table.from_arrays([annoy_ids, pa.array(ids, pa.string())], schema=emb.IDMAP_SCHEMA),
     )
@@ -131,5 +143,6 @@ def write_shard(items: Sequence[IndexedItem], index: int, num_shards: int, dim: 
         ],
         schema=emb.EMBEDDINGS_SCHEMA,
     )
-    files.write_parquet(files.join(version_dir, paths["embeddings"]), table)
-    return ShardInfo(index, paths["path"], len(items), size, sha, paths["id_map"], paths["embeddings"])
+    embeddings_checksum = files.write_parquet(files.join(version_dir, paths["embeddings"]), table)
+    return ShardInfo(index, paths["path"], len(items), size, sha, paths["id_map"], paths["embeddings"],
+                     id_map_checksum, embeddings_checksum)

@@ -28,6 +28,7 @@ from embedding import fusion as fus
 from embedding import images
 from pipelines import progress
 from pipelines import shards as shd
+from pipelines.publication import failpoint
 from schemas import catalog as cat
 from schemas import rejected as rej
 
@@ -282,9 +283,11 @@ class _LoadImages(beam.DoFn):
     FAILED = "failed"
     THREADS = 8
 
-    def __init__(self, size, max_pixels):
+    def __init__(self, size, max_pixels, fetch_options=None):
         self._size = tuple(size)
         self._max_pixels = max_pixels
+        # images.load_image keywords: timeout, allow_private_hosts, image_root.
+        self._fetch_options = dict(fetch_options or {})
         self._loaded = progress.counter(progress.IMAGES_LOADED)
         self._pool = None
 
@@ -299,7 +302,8 @@ class _LoadImages(beam.DoFn):
 
     def _load(self, row):
         try:
-            return images.load_image(row.image_uri.strip(), self._size, max_pixels=self._max_pixels), None
+            return images.load_image(row.image_uri.strip(), self._size, max_pixels=self._max_pixels,
+                                     **self._fetch_options), None
         except images.ImageError as e:
             return None, (e.reason, str(e))
         except Exception as e:  # an image library bug must not take the run down
@@ -462,8 +466,12 @@ class EncodeItems(beam.PTransform):
 
     def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int, batch_size: int = 32,
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, reject_on_image_error: bool = False,
-                 large_model: bool = False, model_cache: Optional[str] = None):
+                 large_model: bool = False, model_cache: Optional[str] = None,
+                 image_timeout: float = images.DEFAULT_TIMEOUT_S, allow_private_hosts: bool = False,
+                 image_root: Optional[str] = None):
         super().__init__()
+        self._fetch_options = {"timeout": image_timeout, "allow_private_hosts": allow_private_hosts,
+                               "image_root": image_root}
         # Batches are formed upstream (BatchItems), so RunInference must not re-batch.
         self._text = KeyedModelHandler(enc.EncoderModelHandler(
             text_encoder, enc.TEXT, large_model=large_model, model_cache=model_cache)).with_no_batching()
@@ -484,7 +492,7 @@ class EncodeItems(beam.PTransform):
 
         texts = batches | "EncodeTexts" >> _EncodeTexts(self._text, nb, self._batch_size)
         loaded = batches | "LoadImages" >> beam.ParDo(
-            _LoadImages(self._image_size, self._max_pixels)).with_outputs(_LoadImages.FAILED, main="arrays")
+            _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(_LoadImages.FAILED, main="arrays")
         image_vectors, image_dlq = (
             loaded.arrays | "EncodeImages" >> RunInference(self._image).with_exception_handling())
         encode_failed = (
@@ -577,6 +585,7 @@ class _BuildShard(beam.DoFn):
         index, joined = element
         num_shards, dim, trees, seed, version_dir = self._args
         info = shd.write_shard(list(joined["items"]), index, num_shards, dim, trees, seed, version_dir)
+        failpoint("after_shard")
         self._indexed.inc(info.count)
         progress.add(progress.ITEMS_INDEXED, info.count)
         _log.info("built shard %d/%d: %d items, %d bytes", index + 1, num_shards, info.count, info.size)

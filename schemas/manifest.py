@@ -12,10 +12,11 @@ import os
 import jsonschema
 
 from catalog_index.errors import PublicationError
+from schemas import layout
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-LATEST_FILE = "LATEST"
+FORMAT_VERSION = 2
+MANIFEST_FILE = layout.MANIFEST_FILE
+LATEST_FILE = layout.LATEST_FILE
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "manifest.schema.json")
 
 
@@ -34,6 +35,10 @@ def validate_manifest(manifest: dict) -> None:
         raise PublicationError(f"manifest is invalid at {where}: {e.message}") from e
     counts = manifest["counts"]
     problems = []
+    if not layout.is_version_name(manifest["version"]):
+        problems.append(f"version {manifest['version']!r} is not a valid version name")
+    if not layout.is_release_id(manifest["release"]):
+        problems.append(f"release {manifest['release']!r} is not a release folder name")
     if counts["read"] != counts["indexed"] + counts["rejected"]:
         problems.append(f"read {counts['read']} != indexed {counts['indexed']} + rejected {counts['rejected']}")
     if sum(counts["rejected_by_reason"].values()) != counts["rejected"]:
@@ -50,6 +55,10 @@ def validate_manifest(manifest: dict) -> None:
         problems.append(f"shard indices {indices} are not 0..{len(indices) - 1}")
     if manifest["fusion"]["dim"] != manifest["dimension"]:
         problems.append("fusion dim differs from dimension")
+    for shard in manifest["shards"]:
+        entry = manifest["files"].get(shard["path"])
+        if entry is not None and (entry["size"], entry["sha256"]) != (shard["size"], shard["sha256"]):
+            problems.append(f"{shard['path']}: shard checksum differs from its entry in files")
     if problems:
         raise PublicationError("manifest accounting does not add up: " + "; ".join(problems))
 

@@ -94,3 +94,83 @@ class FakeGcsFileSystem(LocalFileSystem):
                 shutil.rmtree(local)
             elif os.path.exists(local):
                 os.remove(local)
+
+
+# --------------------------------------------------------------------------- generation preconditions
+# gcp-storage-emulator ignores if_generation_match, so compare-and-swap (pipelines/cas.py's
+# GcsCasStore) is tested against this stand-in of google-cloud-storage's Client/Bucket/Blob,
+# which keeps its objects in the same local root as FakeGcsFileSystem and enforces generations.
+
+import threading  # noqa: E402
+
+from google.api_core import exceptions as gexc  # noqa: E402
+
+
+class FakeBlob:
+    _lock = threading.Lock()
+
+    def __init__(self, root, bucket, name):
+        self._local = os.path.join(root, bucket, name)
+        self.name = name
+        self.generation = None
+
+    def _generation(self):
+        st = os.stat(self._local)
+        return (st.st_ino << 32) ^ st.st_mtime_ns ^ (st.st_size << 8) or 1
+
+    def reload(self):
+        with self._lock:
+            if not os.path.isfile(self._local):
+                raise gexc.NotFound(self.name)
+            self.generation = self._generation()
+
+    def _check(self, if_generation_match):
+        exists = os.path.isfile(self._local)
+        if if_generation_match is None:
+            return
+        if if_generation_match == 0 and exists:
+            raise gexc.PreconditionFailed(f"{self.name} exists")
+        if if_generation_match != 0 and (not exists or self._generation() != if_generation_match):
+            raise gexc.PreconditionFailed(f"{self.name} changed")
+
+    def download_as_bytes(self, if_generation_match=None):
+        with self._lock:
+            if not os.path.isfile(self._local):
+                raise gexc.NotFound(self.name)
+            self._check(if_generation_match)
+            with open(self._local, "rb") as f:
+                return f.read()
+
+    def upload_from_string(self, data, content_type=None, if_generation_match=None):
+        with self._lock:
+            self._check(if_generation_match)
+            os.makedirs(os.path.dirname(self._local), exist_ok=True)
+            tmp = f"{self._local}.upload-{threading.get_ident()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self._local)
+
+    def delete(self, if_generation_match=None):
+        with self._lock:
+            if not os.path.isfile(self._local):
+                raise gexc.NotFound(self.name)
+            self._check(if_generation_match)
+            os.remove(self._local)
+
+
+class FakeBucket:
+    def __init__(self, root, name):
+        self._root, self.name = root, name
+
+    def blob(self, name):
+        return FakeBlob(self._root, self.name, name)
+
+
+class FakeStorageClient:
+    """Enough of google.cloud.storage.Client for GcsCasStore, with real generation preconditions."""
+
+    def __init__(self, root=None):
+        self._root = root
+
+    def bucket(self, name):
+        return FakeBucket(self._root or FakeGcsFileSystem.root, name)

@@ -11,14 +11,23 @@ def test_write_atomically_replaces_without_leftovers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["LATEST"]
 
 
-def test_move_tree_is_rerunnable(tmp_path):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    (src / "a").mkdir(parents=True)
-    (src / "a" / "x.bin").write_bytes(b"x")
-    (src / "y.bin").write_bytes(b"y")
-    files.move_tree(str(src), str(dst), ["a/x.bin", "y.bin"])
-    files.move_tree(str(src), str(dst), ["a/x.bin", "y.bin"])  # a retried publication: already moved
-    assert (dst / "a" / "x.bin").read_bytes() == b"x" and (dst / "y.bin").read_bytes() == b"y"
-    assert files.list_files(str(src)) == []
-    assert files.list_files(str(dst)) == [str(dst / "a" / "x.bin"), str(dst / "y.bin")]
-    assert files.relative(str(dst / "a" / "x.bin"), str(dst)) == "a/x.bin"
+def test_write_parquet_returns_the_checksum_of_what_it_wrote(tmp_path):
+    import hashlib
+
+    import pyarrow as pa
+
+    target = str(tmp_path / "t.parquet")
+    size, sha = files.write_parquet(target, pa.table({"a": [1, 2, 3]}))
+    data = (tmp_path / "t.parquet").read_bytes()
+    assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert files.checksum(target) == (size, sha)
+
+
+def test_list_and_relative(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"x")
+    (tmp_path / "y.bin").write_bytes(b"y")
+    assert files.list_files(str(tmp_path)) == [str(tmp_path / "a" / "x.bin"), str(tmp_path / "y.bin")]
+    assert files.relative(str(tmp_path / "a" / "x.bin"), str(tmp_path)) == "a/x.bin"
+    files.delete_tree(str(tmp_path / "a"))
+    assert files.list_files(str(tmp_path)) == [str(tmp_path / "y.bin")]

@@ -17,6 +17,9 @@ from catalog_index.errors import ConfigError
 from embedding import fusion as fus
 from pipelines import files
 from pipelines import index_pipeline
+from pipelines import cas
+from pipelines import publication as pub
+from schemas import layout
 from schemas import manifest as mf
 from tests import fake_gcs
 
@@ -32,15 +35,23 @@ def read_manifest(version_dir):
 
 
 def latest(output):
-    with open(os.path.join(output, mf.LATEST_FILE)) as f:
-        return f.read().strip()
+    """The version LATEST names (the pointer is JSON: schemas/layout.py)."""
+    with open(os.path.join(output, mf.LATEST_FILE), "rb") as f:
+        return layout.Pointer.loads(f.read()).version
+
+
+def release_dir(output, version):
+    """The live release folder of a version, through its CURRENT pointer."""
+    return os.path.join(str(output), pub.resolve(str(output), version).path)
 
 
 def tree(path):
-    """{relative path: bytes} of every file below path."""
+    """{relative path: bytes} of every file below path (lock files aside)."""
     out = {}
     for root, _, names in os.walk(path):
         for name in names:
+            if name.startswith("."):
+                continue
             full = os.path.join(root, name)
             with open(full, "rb") as f:
                 out[os.path.relpath(full, path)] = f.read()
@@ -54,7 +65,7 @@ def published(sample_catalog, tiny_encoders, tmp_path_factory):
     rc = cli.main(["index", *index_args(sample_catalog["catalog_glob"], output, tiny_encoders),
                    "--shards", "3", "--version", "v1", "--batch-size", "16"])
     assert rc == 0
-    return str(output), os.path.join(str(output), "v1")
+    return str(output), release_dir(output, "v1")
 
 
 def test_accounting_is_exact(published, sample_catalog):
@@ -84,17 +95,28 @@ def test_accounting_is_exact(published, sample_catalog):
 def test_published_layout_and_latest(published):
     output, version_dir = published
     assert latest(output) == "v1"
-    assert not os.path.exists(os.path.join(output, "_staging"))
+    # The output root holds LATEST, the version folder (CURRENT + one release) and nothing else:
+    # no staging leftovers, no lease (given back), no temp files.
+    assert sorted(tree(output)) == sorted(["LATEST", "v1/CURRENT"] + [
+        os.path.relpath(os.path.join(version_dir, p), output) for p in tree(version_dir)])
     manifest = read_manifest(version_dir)
     mf.validate_manifest(manifest)
     assert (manifest["dimension"], manifest["metric"], len(manifest["shards"])) == (256, "angular", 3)
     assert manifest["encoders"]["image"]["image_size"] == [32, 32]
+    assert os.path.basename(version_dir) == manifest["release"] and manifest["version"] == "v1"
     for shard in manifest["shards"]:
         path = os.path.join(version_dir, shard["path"])
         assert files.checksum(path) == (shard["size"], shard["sha256"])
     listed = {s["path"] for s in manifest["shards"]} | {s["id_map"] for s in manifest["shards"]}
     listed |= {p for paths in manifest["tables"].values() for p in paths}
-    assert set(tree(version_dir)) == listed | {mf.MANIFEST_FILE}
+    # Every file is listed with its size and sha256, checked here independently of the publisher.
+    assert set(manifest["files"]) == listed
+    content = tree(version_dir)
+    for rel, entry in manifest["files"].items():
+        assert (entry["size"], entry["sha256"]) == (len(content[rel]), __import__("hashlib").sha256(content[rel]).hexdigest())
+    assert set(content) == listed | {mf.MANIFEST_FILE}
+    pointer = pub.resolve(output)
+    assert pointer.manifest_sha256 == __import__("hashlib").sha256(content[mf.MANIFEST_FILE]).hexdigest()
 
 
 def test_every_indexed_item_is_its_own_nearest_neighbour(published):
@@ -143,12 +165,12 @@ def test_identical_input_gives_identical_files(published, sample_catalog, tiny_e
                                            "--direct_num_workers", "2", "--direct_running_mode", "multi_threading"))
     a, b = read_manifest(version_dir), result.manifest
     assert [(s["sha256"], s["count"]) for s in a["shards"]] == [(s["sha256"], s["count"]) for s in b["shards"]]
-    old, new = tree(version_dir), tree(result.plan.version_dir)
+    old, new = tree(version_dir), tree(result.release_dir)
     for shard in a["shards"]:
         assert old[shard["path"]] == new[shard["path"]]
         assert old[shard["id_map"]] == new[shard["id_map"]]
         assert pq.read_table(os.path.join(version_dir, shard["embeddings"])).equals(
-            pq.read_table(os.path.join(result.plan.version_dir, shard["embeddings"])))
+            pq.read_table(os.path.join(result.release_dir, shard["embeddings"])))
 
 
 def test_too_many_rejections_fail_before_publication(published, sample_catalog, tiny_encoders, tmp_path):
@@ -158,29 +180,43 @@ def test_too_many_rejections_fail_before_publication(published, sample_catalog, 
         index_pipeline.run(index_args(sample_catalog["catalog_glob"], output, tiny_encoders,
                                       "--version", "v2", "--max-rejected-fraction", "0.01"))
     assert latest(output) == "v1"
-    assert not os.path.exists(os.path.join(output, "v2"))
-    after = tree(output)
-    assert {k: v for k, v in after.items() if not k.startswith("_staging")} == before
+    # The failed run removed its own release folder and took no pointer with it.
+    assert tree(output) == before
 
 
-def test_republishing_needs_force(published, sample_catalog, tiny_encoders, tmp_path, capsys):
-    output, _ = published
+def test_a_rerun_finishes_and_other_content_needs_force(published, sample_catalog, tiny_encoders, capsys):
+    output, version_dir = published
+    before = tree(output)
+    rc = cli.main(["index", *index_args(sample_catalog["catalog_glob"], output, tiny_encoders,
+                                        "--shards", "3", "--version", "v1", "--batch-size", "16")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "already published with identical inputs" in out and version_dir in out
+    assert tree(output) == before  # nothing rebuilt, nothing added
     rc = cli.main(["index", *index_args(sample_catalog["catalog_glob"], output, tiny_encoders, "--version", "v1")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "already published" in err and "--force" in err and len(err.splitlines()) == 1
 
 
-def test_force_replaces_a_version_and_latest_only_moves_forward(sample_catalog, tiny_encoders, tmp_path):
+def test_force_publishes_a_new_release_and_latest_follows_snapshots(sample_catalog, tiny_encoders, tmp_path):
     args = index_args(sample_catalog["catalog_glob"], tmp_path, tiny_encoders)
-    index_pipeline.run(args + ["--version", "2026-11-02", "--shards", "2"])
-    index_pipeline.run(args + ["--version", "2026-11-01", "--shards", "1"])
-    assert latest(tmp_path) == "2026-11-02"  # an older version does not move LATEST back
-    result = index_pipeline.run(args + ["--version", "2026-11-02", "--shards", "1", "--force"])
+    index_pipeline.run(args + ["--version", "2026-11-02", "--shards", "2", "--snapshot-time", "2026-11-02"])
+    old = release_dir(tmp_path, "2026-11-02")
+    index_pipeline.run(args + ["--version", "2026-11-01", "--shards", "1", "--snapshot-time", "2026-11-01"])
+    assert latest(tmp_path) == "2026-11-02"  # an older snapshot does not move LATEST back
+    result = index_pipeline.run(args + ["--version", "2026-11-02", "--shards", "1", "--force",
+                                        "--snapshot-time", "2026-11-02"])
     assert len(result.manifest["shards"]) == 1
-    # The 2-shard files of the replaced version are gone, not mixed with the new ones.
-    assert sorted(os.listdir(tmp_path / "2026-11-02" / "shards")) == [
+    new = release_dir(tmp_path, "2026-11-02")
+    assert new == result.release_dir != old
+    assert sorted(os.listdir(os.path.join(new, "shards"))) == [
         "shard-00000-of-00001.ann", "shard-00000-of-00001.ids.parquet"]
-    assert latest(tmp_path) == "2026-11-02"
+    # The replaced release is untouched (a reader may still have it open) until gc removes it.
+    assert len(os.listdir(os.path.join(old, "shards"))) == 4
+    pub.verify_release(old)
+    assert latest(tmp_path) == "2026-11-02" and pub.resolve(str(tmp_path)).release == result.manifest["release"]
+    # A version named like "smoke-test" with a later snapshot moves LATEST; names are not compared.
+    index_pipeline.run(args + ["--version", "smoke-test", "--snapshot-time", "2026-11-03"])
+    assert latest(tmp_path) == "smoke-test"
 
 
 def test_fusion_savedmodel_sets_the_dimension(sample_catalog, tiny_encoders, tmp_path):
@@ -190,7 +226,7 @@ def test_fusion_savedmodel_sets_the_dimension(sample_catalog, tiny_encoders, tmp
                                            "--fusion-model", path, "--version", "f"))
     manifest = result.manifest
     assert (manifest["dimension"], manifest["fusion"]["kind"]) == (32, "saved_model")
-    table = pq.read_table(os.path.join(result.plan.version_dir, manifest["shards"][0]["embeddings"])).to_pylist()
+    table = pq.read_table(os.path.join(result.release_dir, manifest["shards"][0]["embeddings"])).to_pylist()
     # The pipeline used the SavedModel: its vectors equal the numpy projection with the same spec.
     r = next(r for r in table if r["image_embedding"] is not None and r["text_embedding"] is not None)
     expected = fus.ProjectionFusion(spec)(np.array([r["text_embedding"]]), np.ones(1),
@@ -239,16 +275,19 @@ def test_console_script_end_to_end(sample_catalog, tiny_encoders, tmp_path):
     args = index_args(sample_catalog["catalog_glob"], tmp_path / "out", tiny_encoders, "--version", "cli")
     done = subprocess.run([exe, "index", *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"published {tmp_path / 'out' / 'cli'}" in done.stdout and "items/s" in done.stdout
+    assert f"published {tmp_path / 'out' / 'cli'}/r" in done.stdout and "items/s" in done.stdout
+    assert "LATEST names it" in done.stdout
     assert "progress (this worker)" in done.stderr  # progress lines while it runs
-    again = subprocess.run([exe, "index", *args], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 2 and again.stderr.strip().endswith("pass --force to replace it")
+    again = subprocess.run([exe, "index", *args, "--trees", "3"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and again.stderr.strip().endswith("to publish a replacement")
 
 
 @pytest.fixture
 def fake_gcs_root(tmp_path):
     fake_gcs.FakeGcsFileSystem.root = str(tmp_path / "bucket-root")
     os.makedirs(fake_gcs.FakeGcsFileSystem.root)
+    # Pointers and the lease go through generation preconditions, as on GCS.
+    cas.register(fake_gcs.SCHEME, lambda: cas.GcsCasStore(fake_gcs.FakeStorageClient(), scheme=fake_gcs.SCHEME))
     yield fake_gcs.FakeGcsFileSystem.root
     fake_gcs.FakeGcsFileSystem.root = None
 
@@ -261,10 +300,14 @@ def test_runs_on_an_object_store_through_filesystems(sample_catalog, tiny_encode
     result = index_pipeline.run(index_args("fakegs://bucket/catalog/*.parquet", "fakegs://bucket/index",
                                            tiny_encoders, "--shards", "2", "--version", "g"))
     assert result.manifest["counts"]["indexed"] == sample_catalog["expected"]["indexed"]
-    assert files.read_bytes("fakegs://bucket/index/LATEST") == b"g\n"
-    stored = files.list_files("fakegs://bucket/index/g")
-    assert "fakegs://bucket/index/g/manifest.json" in stored
-    assert not files.list_files("fakegs://bucket/index/_staging")
+    pointer = layout.Pointer.loads(files.read_bytes("fakegs://bucket/index/LATEST"))
+    assert (pointer.version, pointer.release) == ("g", result.manifest["release"])
+    base = "fakegs://bucket/index/" + pointer.path
+    stored = files.list_files(base)
+    assert base + "/manifest.json" in stored
+    assert sorted(files.list_files("fakegs://bucket/index")) == sorted(
+        stored + ["fakegs://bucket/index/LATEST", "fakegs://bucket/index/g/CURRENT"])
     shard = result.manifest["shards"][1]
-    assert files.checksum(f"fakegs://bucket/index/g/{shard['path']}") == (shard["size"], shard["sha256"])
-    assert FileSystems.exists("fakegs://bucket/index/g/" + shard["id_map"])
+    assert files.checksum(f"{base}/{shard['path']}") == (shard["size"], shard["sha256"])
+    assert FileSystems.exists(f"{base}/{shard['id_map']}")
+    assert pub.verify("fakegs://bucket/index").manifest == result.manifest
