@@ -8,6 +8,8 @@ from catalog_index import cli
 from catalog_index import sample
 from catalog_index.errors import ConfigError
 from pipelines import backfill
+from pipelines import publication as pub
+from schemas import layout
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +31,27 @@ def test_backfill_publishes_each_date_and_isolates_failures(dated_catalogs, tiny
     assert lines[1].startswith("2026-11-02  failed") and "matches no file" in lines[1]
     assert lines[2].startswith("2026-11-03  published")
     assert lines[3] == "backfill: 2 of 3 date(s) ok, 1 failed"
-    assert (out / "LATEST").read_text().strip() == "2026-11-03"
-    assert sorted(os.listdir(out)) == ["2026-11-01", "2026-11-03", "LATEST"]
+    assert latest(out).version == "2026-11-03" and latest(out).snapshot == "2026-11-03T00:00:00Z"
+    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == ["2026-11-01", "2026-11-03", "LATEST"]
 
-    first = (out / "2026-11-01" / "manifest.json").read_bytes()
+    first = pub.resolve(str(out), "2026-11-01")
+    first_manifest = (out / first.path / "manifest.json").read_bytes()
     assert cli.main(args) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("2026-11-01  skipped") and lines[2].startswith("2026-11-03  skipped")
-    assert (out / "2026-11-01" / "manifest.json").read_bytes() == first  # untouched
+    assert pub.resolve(str(out), "2026-11-01") == first
+    assert (out / first.path / "manifest.json").read_bytes() == first_manifest  # untouched
 
     assert cli.main(args[:5] + ["--to", "2026-11-01"] + args[7:] + ["--force"]) == 0
     assert "2026-11-01  published" in capsys.readouterr().out
-    assert (out / "2026-11-01" / "manifest.json").read_bytes() != first  # rebuilt (new created_at)
-    assert (out / "LATEST").read_text().strip() == "2026-11-03"  # LATEST never moves back
+    rebuilt = pub.resolve(str(out), "2026-11-01")
+    assert rebuilt.release != first.release  # a new release; the replaced one stays until gc
+    assert (out / first.path / "manifest.json").read_bytes() == first_manifest
+    assert latest(out).version == "2026-11-03"  # LATEST never moves back
+
+
+def latest(out):
+    return layout.Pointer.loads((out / "LATEST").read_bytes())
 
 
 @pytest.mark.parametrize(
@@ -53,6 +63,8 @@ def test_backfill_publishes_each_date_and_isolates_failures(dated_catalogs, tiny
          "is before --from"),
         (["--catalog-pattern", "c/{date}/*", "--from", "2026-11-01", "--to", "2026-11-01", "--output", "o",
           "--version", "x"], "sets --version itself"),
+        (["--catalog-pattern", "c/{date}/*", "--from", "2026-11-01", "--to", "2026-11-01", "--output", "o",
+          "--snapshot-time", "2026-11-01"], "sets --snapshot-time itself"),
     ],
 )
 def test_backfill_argument_errors(argv, message):

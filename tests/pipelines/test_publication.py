@@ -360,3 +360,124 @@ def test_gc_removes_abandoned_and_replaced_releases_never_the_live_ones(output, 
     assert not os.path.exists(os.path.join(output, "v0", layout.CURRENT_FILE))
     assert check_complete(output)[0] == "v1" and live_version == "v0"
     assert run_cli("verify", "--index", output).returncode == 0
+
+
+# --------------------------------------------------------------------------- hostile rows
+
+
+def _string_array(values):
+    """A string column that may hold invalid UTF-8 (built from raw buffers: Arrow does not validate)."""
+    import numpy as np
+    import pyarrow as pa
+
+    raw = [v if isinstance(v, bytes) else v.encode() for v in values]
+    offsets = np.cumsum([0] + [len(v) for v in raw]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(raw), [None, pa.py_buffer(offsets.tobytes()),
+                                                         pa.py_buffer(b"".join(raw))])
+
+
+def test_hostile_rows_finish_in_bounded_time_with_exact_accounting(small_catalog, tiny_encoders, tmp_path,
+                                                                   monkeypatch):
+    import faulthandler
+    import socket
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedding import images
+
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang must fail the suite, not stall it
+    stop = threading.Event()
+
+    def serve(host, reply):
+        listener = socket.create_server((host, 0))
+        listener.settimeout(0.1)
+        seen = []
+
+        def loop():
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except (TimeoutError, OSError):
+                    continue
+                path = conn.recv(4096).split(b" ")[1].decode()
+                seen.append(path)
+                threading.Thread(target=reply, args=(conn, path), daemon=True).start()
+
+        threading.Thread(target=loop, daemon=True).start()
+        return listener.getsockname()[1], seen, listener
+
+    def drip_headers(conn, path):  # status line, then one header byte every 0.3 s for two minutes
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(400):
+            if stop.wait(0.3):
+                break
+            try:
+                conn.sendall(b"X")
+            except OSError:
+                break
+        conn.close()
+
+    secret_port, secret_seen, secret = serve("127.0.0.1", lambda conn, path: conn.close())
+
+    def redirect_or_drip(conn, path):
+        if path == "/redirect":
+            conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{secret_port}/secret\r\n"
+                         f"Content-Length: 0\r\n\r\n".encode())
+            conn.close()
+        else:
+            drip_headers(conn, path)
+
+    # 127.0.0.2 plays an outside host (the real classifier refuses every loopback address).
+    real = images.refused_address_reason
+    monkeypatch.setattr(images, "refused_address_reason", lambda ip: None if ip == "127.0.0.2" else real(ip))
+    port, _, outside = serve("127.0.0.2", redirect_or_drip)
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    hostile = {
+        "h-fifo": str(fifo),
+        "h-slow-headers": f"http://127.0.0.2:{port}/slow.png",
+        "h-redirect-to-loopback": f"http://127.0.0.2:{port}/redirect",
+        "h-loopback": f"http://127.0.0.1:{secret_port}/direct",
+        "h-metadata": "http://169.254.169.254/computeMetadata/v1/",
+    }
+    ids = list(hostile) + ["h-bad-utf8"]
+    pq.write_table(pa.table({
+        "item_id": pa.array(ids, pa.string()),
+        "title": _string_array([f"hostile {i}".encode() for i in hostile] + [b"caf\xe9 au lait"]),
+        "image_uri": pa.array(list(hostile.values()) + [None], pa.string()),
+    }), tmp_path / "hostile.parquet")
+    catalog_dir = tmp_path / "catalog"
+    os.makedirs(catalog_dir)
+    for path in small_catalog["files"]:
+        shutil.copy(path, catalog_dir)
+    shutil.copy(tmp_path / "hostile.parquet", catalog_dir)
+    started = time.monotonic()
+    try:
+        result = index_pipeline.run(index_args(str(catalog_dir / "*.parquet"), tmp_path / "out", tiny_encoders,
+                                               "--version", "h", "--image-timeout", "2",
+                                               "--max-degraded-fraction", "0.5"))
+    finally:
+        stop.set()
+        faulthandler.cancel_dump_traceback_later()
+        secret.close()
+        outside.close()
+    wall = time.monotonic() - started
+    assert wall < 120, wall  # the dripping server alone would hold a fetch for 120 s
+    c = result.manifest["counts"]
+    good = small_catalog["rows"]
+    assert (c["read"], c["indexed"], c["rejected"]) == (good + 6, good + 5, 1)
+    assert c["rejected_by_reason"] == {"invalid_value": 1}
+    assert c["degraded_by_reason"] == {"image_fetch_failed": 5}
+    base = result.release_dir
+    degraded = {r["item_id"]: r["message"] for p in result.manifest["tables"]["degraded"]
+                for r in pq.read_table(os.path.join(base, p)).to_pylist()}
+    assert set(degraded) == set(hostile)
+    assert "FIFO" in degraded["h-fifo"]
+    assert "loopback" in degraded["h-redirect-to-loopback"] and "redirected to" in degraded["h-redirect-to-loopback"]
+    assert "loopback" in degraded["h-loopback"] and "169.254.169.254" in degraded["h-metadata"]
+    assert "timed out" in degraded["h-slow-headers"] or "deadline" in degraded["h-slow-headers"]
+    assert secret_seen == []  # the loopback service never saw a request, directly or through the redirect
+    rejected = [r for p in result.manifest["tables"]["rejected"] for r in pq.read_table(os.path.join(base, p)).to_pylist()]
+    assert [(r["item_id"], r["reason"], r["row"]) for r in rejected] == [("h-bad-utf8", "invalid_value", 5)]
+    assert "hostile.parquet" in rejected[0]["message"] and "'title'" in rejected[0]["message"]

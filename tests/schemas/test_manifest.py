@@ -15,9 +15,16 @@ def good_manifest():
          "id_map": f"shards/s{i}.ids.parquet", "embeddings": f"embeddings/p{i}.parquet"}
         for i, c in enumerate([3, 4])
     ]
+    files = {}
+    for shard in shards:
+        files[shard["path"]] = {"size": shard["size"], "sha256": shard["sha256"]}
+        files[shard["id_map"]] = files[shard["embeddings"]] = {"size": 5, "sha256": SHA}
     return {
-        "format_version": 1, "version": "2026-11-28", "created_at": "2026-11-28T07:00:00+00:00",
+        "format_version": 2, "version": "2026-11-28", "release": "r20261128T070000Z-0123abcd",
+        "snapshot": "2026-11-28T00:00:00Z", "created_at": "2026-11-28T07:00:00+00:00",
         "catalog": {"pattern": "c/*.parquet", "files": ["c/a.parquet"]},
+        "inputs": {"digest": "sha256:" + SHA, "catalog": [{"path": "c/a.parquet", "size": 10, "sha256": SHA}]},
+        "files": files,
         "dimension": 16, "metric": "angular", "trees": 10, "seed": 0,
         "encoders": {"text": ENCODER, "image": dict(ENCODER, image_size=[32, 32])},
         "fusion": {"kind": "projection", "text_dim": 8, "image_dim": 8, "dim": 16},
@@ -44,6 +51,14 @@ def test_good_manifest_validates():
         (lambda m: m["shards"][0].update(path="/abs/path.ann"), "shards/0/path"),
         (lambda m: m.pop("counts"), "counts"),
         (lambda m: m["shards"][0].update(sha256="xyz"), "sha256"),
+        (lambda m: m.update(version="v2\n"), "is not a valid version name"),
+        (lambda m: m.update(release="../r"), "release"),
+        (lambda m: m.pop("files"), "files"),
+        (lambda m: m["files"]["shards/s0.ann"].update(size=11), "shard checksum differs from its entry in files"),
+        (lambda m: m["files"].update({"../escape.bin": {"size": 1, "sha256": SHA}}), "files"),
+        (lambda m: m["shards"][1].update(path="shards/../../x.ann"), "shards/1/path"),
+        (lambda m: m.update(snapshot="yesterday"), "snapshot"),
+        (lambda m: m.update(format_version=1), "format_version"),
     ],
 )
 def test_broken_manifest_is_refused(mutate, message):
