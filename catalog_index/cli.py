@@ -13,6 +13,7 @@ the output), 2 a usage or configuration error; either way one line on stderr.
 
 import logging
 import os
+import re
 import sys
 
 USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample} [options]
@@ -35,8 +36,23 @@ def _quiet_tensorflow():
 class _DropKnownNoise(logging.Filter):
     # Beam's RunInference warns on every batch when its optional torch-based model
     # manager is not installed ("Resource module is not available ..."): not ours to act on.
+    # Beam also logs, with a traceback, the project's own errors raised in a DoFn (a publication
+    # check); the CLI prints them as one line at the end, so the copy is noise.
     def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], _own_errors()):
+            return False
         return "memory usage cannot be fetched" not in record.getMessage()
+
+
+def _own_errors():
+    from catalog_index.errors import CatalogIndexError
+
+    return CatalogIndexError
+
+
+def _one_line(error: BaseException) -> str:
+    # Beam appends "[while running 'Step']" to errors raised in a DoFn: the step is not the user's business.
+    return re.sub(r"\s*\[while running '[^']*'\]", "", " ".join(str(error).split()))
 
 
 def _setup_logging():
@@ -159,7 +175,7 @@ def main(argv=None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except CatalogIndexError as e:
         # One line: the message already says what to fix; tracebacks are for bugs, not for users.
-        print(f"catalog-index {argv[0]}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"catalog-index {argv[0]}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_status
 
 

@@ -129,7 +129,14 @@ class _Publish(beam.DoFn):
         mf.validate_manifest(manifest)
         raw = mf.dumps(manifest)
         pub.failpoint("before_manifest")
-        files.write_atomically(files.join(plan.release_dir, layout.MANIFEST_FILE), raw)
+        manifest_path = files.join(plan.release_dir, layout.MANIFEST_FILE)
+        if files.exists(manifest_path):
+            # A retried bundle (Dataflow retries failed work): an earlier attempt sealed this release and a
+            # pointer may already name it, so it is never rewritten; the checks below still apply.
+            raw = files.read_bytes(manifest_path)
+            manifest = json.loads(raw)
+        else:
+            files.write_atomically(manifest_path, raw)
         pub.failpoint("after_manifest")
         # What was written is what the manifest says, read back: the same check as `catalog-index verify`.
         pub.verify_release(plan.release_dir)

@@ -259,6 +259,12 @@ def plan_garbage(output: str, keep: Optional[int], older_than_days: Optional[flo
             continue
         by_version.setdefault(parts[0], []).append(parts[1:])
     removals, published = [], []
+    # Staging folders of the layout before release folders (OUTPUT/_staging/<version>.<run id>/).
+    legacy = files.join(output, "_staging")
+    staged = files.list_files(legacy)
+    newest = _newest_mtime(staged)
+    if staged and (now.timestamp() - newest) / 60 >= grace_minutes:
+        removals.append(Removal(legacy, "staging folder of an older layout, abandoned"))
     for version, entries in sorted(by_version.items()):
         current, _ = read_pointer(files.join(output, version, layout.CURRENT_FILE))
         if current is not None:
@@ -297,7 +303,7 @@ def remove(removal: Removal, output: str) -> None:
     """Deletes a release or a whole version; a version's CURRENT pointer goes first, so it stops
     being published before its files disappear."""
     rel = files.relative(removal.path, output.rstrip("/"))
-    if "/" not in rel:
+    if "/" not in rel and layout.is_version_name(rel):
         current = files.join(removal.path, layout.CURRENT_FILE)
         if files.exists(current):
             FileSystems.delete([current])

@@ -34,13 +34,18 @@ def png_bytes():
 PNG = png_bytes()
 
 
+# Scheduling slack for shared, loaded CI machines. The failures these bounds guard against
+# (a FIFO, a dripping server, a hung store) take 30 s or never end, so the slack does not hide them.
+SLACK_S = 2.0
+
+
 @contextlib.contextmanager
 def within(seconds):
-    """Asserts the block (exceptions included) took less than ``seconds``."""
+    """Asserts the block (exceptions included) took less than ``seconds`` (+ SLACK_S)."""
     started = time.monotonic()
     yield
     elapsed = time.monotonic() - started
-    assert elapsed < seconds, f"took {elapsed:.2f} s, limit {seconds} s"
+    assert elapsed < seconds + SLACK_S, f"took {elapsed:.2f} s, limit {seconds} s + {SLACK_S} s slack"
 
 
 def refused(info):

@@ -40,14 +40,14 @@ def test_defaults_are_the_builtin_encoders(tmp_path, builtin_cache):
     assert m["encoders"]["image"]["image_size"] == [224, 224]
     assert m["counts"]["indexed"] == len(rows) and m["dimension"] == 256
 
-    table = pq.read_table(os.path.join(result.plan.version_dir, m["shards"][0]["embeddings"])).to_pylist()
+    table = pq.read_table(os.path.join(result.release_dir, m["shards"][0]["embeddings"])).to_pylist()
     vecs = {r["item_id"]: np.array(r["text_embedding"]) for r in table}
     # MiniLM ranks the text-only query's neighbours by meaning.
     sims = {k: float(v @ vecs["text-only"]) for k, v in vecs.items() if k != "text-only"}
     assert max(sims, key=sims.get) == "apple-juice"
     assert sims["orange-juice"] > sims["motor-oil"] and sims["red-apples"] > sims["hiking-boots"]
     index = AnnoyIndex(256, "angular")
-    index.load(os.path.join(result.plan.version_dir, m["shards"][0]["path"]))
-    ids = pq.read_table(os.path.join(result.plan.version_dir, m["shards"][0]["id_map"])).column("item_id").to_pylist()
+    index.load(os.path.join(result.release_dir, m["shards"][0]["path"]))
+    ids = pq.read_table(os.path.join(result.release_dir, m["shards"][0]["id_map"])).column("item_id").to_pylist()
     nearest = [ids[i] for i in index.get_nns_by_item(ids.index("text-only"), 2)]
     assert nearest == ["text-only", "apple-juice"]

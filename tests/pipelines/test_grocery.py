@@ -44,7 +44,7 @@ def test_real_photos_index_and_find_themselves(grocery_dir, tiny_encoders, tmp_p
     counts = result.manifest["counts"]
     assert (counts["read"], counts["indexed"], counts["rejected"], counts["degraded"]) == (len(rows), len(rows), 0, 0)
     for shard in result.manifest["shards"]:
-        base = result.plan.version_dir
+        base = result.release_dir
         table = pq.read_table(os.path.join(base, shard["embeddings"])).to_pylist()
         assert all(r["image_embedding"] is not None for r in table)  # every real JPEG decoded
         index = AnnoyIndex(result.manifest["dimension"], "angular")
