@@ -546,3 +546,40 @@ def test_a_retried_publish_step_never_rewrites_a_sealed_release(small_catalog, t
     assert len(attempts) == 1
     assert check_complete(str(out)) == ("r", result.manifest["release"])
     assert check_complete(str(out), "r/CURRENT") == ("r", result.manifest["release"])
+
+
+_FAKEGS_CLI = """
+import sys
+from tests import fake_gcs
+from pipelines import cas
+fake_gcs.FakeGcsFileSystem.root = sys.argv[1]
+cas.register(fake_gcs.SCHEME, lambda: cas.GcsCasStore(fake_gcs.FakeStorageClient(), scheme=fake_gcs.SCHEME))
+from catalog_index import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["before_manifest", "after_manifest", "after_current"])
+def test_sigkill_on_the_object_store_then_rerun(step, small_catalog, tiny_encoders, tmp_path):
+    """The kill tests again with the output on the fake object store (pointers by generation match)."""
+    root = tmp_path / "bucket-root"
+    os.makedirs(root)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def run(*args, env=None):
+        return subprocess.run([sys.executable, "-c", _FAKEGS_CLI, str(root), *args], capture_output=True, text=True,
+                              timeout=300, cwd=repo, env=dict(os.environ, **(env or {})))
+
+    out = "fakegs://bucket/index"
+    base = ["index", *index_args(small_catalog["catalog_glob"], out, tiny_encoders, "--shards", "2")]
+    assert run(*base, "--version", "v0", "--snapshot-time", "2026-11-01").returncode == 0
+    args = [*base, "--version", "v1", "--snapshot-time", "2026-11-02"]
+    killed = run(*args, env={pub.FAILPOINT_ENV: step})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    local_out = str(root / "bucket" / "index")
+    assert check_complete(local_out)[0] == "v0"
+    again = run(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert check_complete(local_out)[0] == "v1"
+    assert run("verify", "--index", out).returncode == 0
