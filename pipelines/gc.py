@@ -11,6 +11,7 @@ never runs beside a publisher.
 import logging
 import uuid
 
+from pipelines import files
 from pipelines import lease
 from pipelines import publication as pub
 
@@ -33,6 +34,9 @@ def main(argv, parser) -> int:
     if args.grace_minutes < 0 or (args.older_than is not None and args.older_than < 0):
         parser.error("--grace-minutes and --older-than must be >= 0")
     output = args.output.rstrip("/")
+    if not files.list_files(output):
+        print(f"gc: nothing under {output}")
+        return 0
     owner = lease.Lease(output, "gc-" + uuid.uuid4().hex[:8], command="gc").acquire()
     try:
         removals = pub.plan_garbage(output, args.keep, args.older_than, args.grace_minutes)
