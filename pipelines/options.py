@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 from typing import Optional
 
 import pyarrow.parquet as pq
@@ -23,10 +24,14 @@ from embedding import builtin
 from embedding import encoders as enc
 from embedding import fusion as fus
 from embedding import images
+from embedding import languages
 from pipelines import files
 from pipelines import lease
 from schemas import catalog as cat
 from schemas import layout
+
+
+_log = logging.getLogger(__name__)
 
 
 def default_version(now: Optional[datetime.datetime] = None) -> str:
@@ -54,10 +59,14 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--shards", type=int, default=1, help="Number of Annoy shards.")
         parser.add_argument("--dimension", type=int, default=None,
                             help="Fused vector size (default 256, or the fusion model's output size).")
-        parser.add_argument("--text-encoder", "--text_encoder", dest="text_encoder",
-                            default=builtin.DEFAULT_TEXT_ENCODER,
-                            help="Text encoder: builtin:NAME, TF Hub handle or SavedModel path (1-D tf.string in). "
-                                 f"Default {builtin.DEFAULT_TEXT_ENCODER}.")
+        parser.add_argument("--text-encoder", "--text_encoder", dest="text_encoder", default="auto",
+                            help="Text encoder: auto, builtin:NAME, TF Hub handle or SavedModel path (1-D tf.string "
+                                 f"in). Default auto: {languages.ENGLISH_ENCODER} for English-dominant catalogs, "
+                                 f"{languages.MULTILINGUAL_ENCODER} when more than "
+                                 f"{languages.NON_ENGLISH_SHARE:.0%} of the sampled texts are in another language.")
+        parser.add_argument("--languages", default=None,
+                            help="Languages the queries will be in, as ISO 639-1 codes (e.g. en,zh); with "
+                                 "--text-encoder auto, any language but en picks the multilingual encoder.")
         parser.add_argument("--image-encoder", "--image_encoder", dest="image_encoder",
                             default=builtin.DEFAULT_IMAGE_ENCODER,
                             help="Image encoder: builtin:NAME, TF Hub handle or SavedModel path "
@@ -155,13 +164,21 @@ class IndexOptions(PipelineOptions):
                 f"{version_dir} holds {len(foreign)} file(s) that are not releases of this tool, e.g. "
                 f"{foreign[0]}; move them away or pass --force to publish beside them (they are never deleted)")
 
-        catalog_files, catalog_rows, catalog_inputs = match_catalog(self.catalog)
+        query_languages = languages.parse_languages(self.languages)
+        languages.preload()  # the detector's model loads while the catalog is matched and hashed
+        catalog_files, catalog_rows, catalog_inputs, rows_per_file = match_catalog(self.catalog)
         if catalog_rows == 0:
             raise PublicationError(f"--catalog {self.catalog!r}: {len(catalog_files)} file(s) with no rows; "
                                    f"nothing to publish (LATEST was not touched)")
+        texts = sample_texts(catalog_files, rows_per_file)
+        # The image encoder first: loading TensorFlow and the model hides the detector's model load.
         size = (self.image_size, self.image_size) if self.image_size else None
-        text = enc.inspect_encoder(self.text_encoder, enc.TEXT, model_cache=self.model_cache)
         image = enc.inspect_encoder(self.image_encoder, enc.IMAGE, size, model_cache=self.model_cache)
+        text_choice = languages.choose(self.text_encoder, texts, query_languages)
+        _log.info("text encoder: %s; language detection took %.2fs", text_choice.describe(), text_choice.seconds)
+        if text_choice.warning:
+            _log.warning("%s", text_choice.warning)
+        text = enc.inspect_encoder(text_choice.handle, enc.TEXT, model_cache=self.model_cache)
         fusion = fus.inspect_fusion(self.fusion_model, text.output_dim, image.output_dim, self.dimension,
                                     self.text_weight, self.image_weight, self.seed)
         release = layout.new_release_id(started)
@@ -182,6 +199,7 @@ class IndexOptions(PipelineOptions):
             image_encoder=image,
             fusion=fusion,
             content_options=self.content_options(),
+            text_choice=text_choice,
         )
 
     def content_options(self) -> dict:
@@ -232,6 +250,7 @@ class IndexPlan:
     image_encoder: enc.EncoderSpec
     fusion: fus.FusionSpec
     content_options: dict
+    text_choice: Optional[languages.TextEncoderChoice] = None  # how --text-encoder was resolved
 
     def inputs(self) -> dict:
         """The manifest's ``inputs``: catalog checksums and a digest of everything that shapes the content."""
@@ -263,10 +282,59 @@ def _check_file(path: str) -> tuple:
     return meta.num_rows, {"path": path, "size": size, "sha256": sha}
 
 
+SAMPLE_TEXTS = 5000
+
+
+def _sample_file(path: str, rows: int, want: int) -> list:
+    """``want`` texts (title and description, as the text encoder sees them) evenly spread over one file.
+
+    Reads only the row groups that hold the chosen rows, and only the text columns; values that
+    are not valid UTF-8 are decoded with replacement (their rows are rejected later anyway).
+    """
+    import pyarrow as pa
+
+    if want <= 0 or rows <= 0:
+        return []
+    picks = sorted({int(i * rows / want) for i in range(want)})
+    out = []
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        # A column typed null (all values missing) has nothing to sample.
+        columns = [c for c in (cat.TITLE, cat.DESCRIPTION) if schema.get_field_index(c) >= 0
+                   and (pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type))]
+        first, k = 0, 0
+        for group in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(group).num_rows
+            local = []
+            while k < len(picks) and picks[k] < first + n:
+                local.append(picks[k] - first)
+                k += 1
+            first += n
+            if not local or not columns:
+                continue
+            table = pf.read_row_group(group, columns=columns)
+            values = [table.column(c).cast(pa.large_binary()).to_pylist() for c in columns]
+            for i in local:
+                parts = [v[i].decode("utf-8", "replace").strip() for v in values if v[i]]
+                out.append("\n".join(p for p in parts if p) or None)
+    return out
+
+
+def sample_texts(paths, rows_per_file, n: int = SAMPLE_TEXTS) -> list:
+    """Up to ``n`` catalog texts spread over the files in proportion to their rows."""
+    total = sum(rows_per_file)
+    out = []
+    for path, rows in zip(paths, rows_per_file):
+        want = min(rows, max(1, round(n * rows / total))) if total else 0
+        out.extend(_sample_file(path, rows, want))
+    return out
+
+
 def match_catalog(pattern: str) -> tuple:
     """Matches the catalog glob and checks each file's schema (in parallel: GCS is slow per file).
 
-    Returns (sorted paths, total row count, per-file {path, size, sha256}).
+    Returns (sorted paths, total row count, per-file {path, size, sha256}, per-file row counts).
     """
     try:
         matched = FileSystems.match([pattern])[0].metadata_list
@@ -277,4 +345,5 @@ def match_catalog(pattern: str) -> tuple:
         raise ConfigError(f"--catalog {pattern!r} matches no file; check the path or glob")
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
         checked = [future.result() for future in [pool.submit(_check_file, p) for p in paths]]
-    return tuple(paths), sum(rows for rows, _ in checked), tuple(info for _, info in checked)
+    return (tuple(paths), sum(rows for rows, _ in checked), tuple(info for _, info in checked),
+            tuple(rows for rows, _ in checked))
