@@ -85,5 +85,6 @@ def run(argv=None, index_run: Optional[Callable] = None) -> list:
             outcomes.append(DateOutcome(date, "failed", brief(e)))
             _log.exception("%s failed", date)
             continue
-        outcomes.append(DateOutcome(date, "published", result.summary().splitlines()[1].strip()))
+        counts = [line.strip() for line in result.summary().splitlines() if line.strip().startswith("read ")]
+        outcomes.append(DateOutcome(date, "published", counts[0] if counts else result.summary().splitlines()[0]))
     return outcomes
