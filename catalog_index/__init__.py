@@ -1,3 +1,3 @@
 """catalog-index: batch pipelines that turn a product catalog into multimodal Annoy indexes."""
 
-__version__ = "0.1.0"
+from schemas.layout import TOOL_VERSION as __version__  # noqa: F401 - one place owns the version

@@ -45,7 +45,7 @@ class _DropKnownNoise(logging.Filter):
 
 
 def _own_errors():
-    from catalog_index.errors import CatalogIndexError
+    from schemas.errors import CatalogIndexError
 
     return CatalogIndexError
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     _quiet_tensorflow()
     _setup_logging()
-    from catalog_index.errors import CatalogIndexError
+    from schemas.errors import CatalogIndexError
 
     try:
         return COMMANDS[argv[0]](argv[1:])

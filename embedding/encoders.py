@@ -3,10 +3,10 @@
 Encoders follow TF Hub's common signatures so real Hub models work unchanged:
 a text model maps a 1-D ``tf.string`` batch to ``[batch, dim]``; an image
 feature-vector model maps float32 ``[batch, height, width, 3]`` in [0, 1] to
-``[batch, dim]``. Models load through ``tensorflow_hub.load`` once per worker
-(``EncoderModelHandler.load_model`` under RunInference's ``shared.Shared``),
-never per element and never pickled with a DoFn: the handler only carries the
-handle string.
+``[batch, dim]``. Models load through ``tensorflow_hub.load`` once per process
+(``_load_model``); a handle is resolved to a folder in one place
+(``resolve_handle``). No Beam here: the search library encodes queries with the
+same ``Encoder``; the pipeline's RunInference handler is pipelines/inference.py.
 """
 
 import dataclasses
@@ -16,10 +16,8 @@ import time
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
-from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler
 
-from catalog_index.errors import EncoderError, brief
+from schemas.errors import EncoderError, brief
 from embedding import builtin
 from embedding.fingerprints import fingerprint  # moved there (Beam-free); still encoders.fingerprint
 
@@ -33,7 +31,6 @@ DEFAULT_IMAGE_SIZE = 224
 # Output keys tried, in order, when a model returns a dict (TF Hub conventions).
 _OUTPUT_KEYS = ("default", "outputs", "embedding", "pooled_output", "feature_vector")
 
-METRICS_NAMESPACE = "catalog_index"
 
 _log = logging.getLogger(__name__)
 
@@ -110,8 +107,8 @@ def _load_model(handle: str, kind: str, model_cache: Optional[str] = None):
         if handle not in _models:
             import tensorflow_hub as hub
 
-            path = builtin.ensure_built(handle, model_cache) if builtin.is_builtin(handle) else handle
             try:
+                path = resolve_handle(handle, model_cache)
                 try:
                     _models[handle] = hub.load(path)
                 except Exception as e:
@@ -237,6 +234,13 @@ class EncoderSpec:
             out["image_size"] = list(self.image_size)
         return out
 
+    @classmethod
+    def from_json(cls, kind: str, data: dict) -> "EncoderSpec":
+        """The manifest's ``encoders.<kind>`` entry (``chosen_by`` and other notes aside)."""
+        size = data.get("image_size")
+        return cls(kind, data["handle"], int(data["output_dim"]), data["fingerprint"],
+                   tuple(size) if size is not None else None)
+
 
 def inspect_encoder(handle: str, kind: str, image_size: Optional[Sequence[int]] = None,
                     model_cache: Optional[str] = None) -> EncoderSpec:
@@ -246,49 +250,3 @@ def inspect_encoder(handle: str, kind: str, image_size: Optional[Sequence[int]] 
     encoder = Encoder(handle, kind, image_size, model_cache)
     dim = encoder.probe()
     return EncoderSpec(kind, handle, dim, fingerprint(resolve_handle(handle, model_cache)), encoder.image_size)
-
-
-class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
-    """RunInference handler for a Hub encoder; yields one float32 vector per example.
-
-    Wrap it in ``KeyedModelHandler`` to carry item ids through the batch.
-    """
-
-    def __init__(self, handle: str, kind: str, image_size=None, min_batch_size=1, max_batch_size=32,
-                 large_model=False, model_cache=None):
-        super().__init__()
-        self._handle = handle
-        self._model_cache = model_cache
-        self._kind = kind
-        self._image_size = tuple(image_size) if image_size else None
-        self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
-        self._large_model = large_model
-        self._batch_size = Metrics.distribution(METRICS_NAMESPACE, f"{kind}_encoder_batch_size")
-        self._latency = Metrics.distribution(METRICS_NAMESPACE, f"{kind}_encoder_latency_ms")
-
-    def load_model(self) -> Encoder:
-        start = time.perf_counter()
-        encoder = Encoder(self._handle, self._kind, self._image_size, self._model_cache)
-        _log.info("loaded %s encoder %s in %.1fs", self._kind, self._handle, time.perf_counter() - start)
-        return encoder
-
-    def run_inference(self, batch: Sequence[Any], model: Encoder, inference_args=None) -> Iterable[np.ndarray]:
-        start = time.perf_counter()
-        vectors = model.encode(batch if self._kind == TEXT else np.stack(batch))
-        self._latency.update(int((time.perf_counter() - start) * 1000))
-        self._batch_size.update(len(batch))
-        return list(vectors)
-
-    def get_num_bytes(self, batch) -> int:
-        if self._kind == TEXT:
-            return sum(len(s.encode("utf-8")) for s in batch)
-        return sum(np.asarray(x).nbytes for x in batch)
-
-    def batch_elements_kwargs(self):
-        return dict(self._batch_kwargs)
-
-    def share_model_across_processes(self) -> bool:
-        return self._large_model
-
-    def get_metrics_namespace(self) -> str:
-        return f"{METRICS_NAMESPACE}.{self._kind}_encoder"

@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from catalog_index.errors import EncoderError, brief
+from schemas.errors import EncoderError, brief
 
 TEXT_EMBEDDING = "text_embedding"
 TEXT_MASK = "text_mask"
@@ -88,6 +88,11 @@ class FusionSpec:
         else:
             out.update(path=self.path, fingerprint=self.fingerprint)
         return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FusionSpec":
+        """The manifest's ``fusion`` entry."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
 class ProjectionFusion:

@@ -35,11 +35,9 @@ import time
 import urllib.parse
 
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from catalog_index.errors import DataError
+from schemas.errors import DataError
 from schemas.rejected import IMAGE_DECODE_FAILED, IMAGE_FETCH_FAILED, IMAGE_TOO_LARGE
 
 _log = logging.getLogger(__name__)
@@ -578,6 +576,10 @@ def _check_store_root(uri, scheme, image_root):
 
 def _read_store(uri, max_bytes, deadline):
     """Reads through Beam's FileSystems (gs:// or any other registered scheme)."""
+    # Imported here: local files and http(s) need no Beam, so the search library can load images without it.
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
     # UNCOMPRESSED: the default AUTO would gunzip a name ending in ".gz"
     # (or ".bz2", ...) behind our back; image bytes are what we want.
     stream = FileSystems.open(

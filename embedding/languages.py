@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-from catalog_index.errors import ConfigError
+from schemas.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 

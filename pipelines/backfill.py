@@ -14,7 +14,7 @@ import datetime
 import logging
 from typing import Callable, Optional
 
-from catalog_index.errors import CatalogIndexError, ConfigError, brief
+from schemas.errors import CatalogIndexError, ConfigError, brief
 from pipelines import files
 from pipelines import flags
 from pipelines import index_pipeline

@@ -21,7 +21,7 @@ import threading
 import uuid
 from typing import Callable, Dict, Optional, Tuple
 
-from catalog_index.errors import ConfigError
+from schemas.errors import ConfigError
 
 ABSENT = None  # the token of a file that does not exist
 

@@ -10,7 +10,7 @@ import argparse
 import difflib
 from typing import Iterable, Optional
 
-from catalog_index.errors import UsageError
+from schemas.errors import UsageError
 
 
 def _suggest(flag: str, known: Iterable[str]) -> str:

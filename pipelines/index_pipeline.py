@@ -23,8 +23,7 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
-import catalog_index
-from catalog_index.errors import CatalogIndexError, ConfigError, PublicationError, VerificationError
+from schemas.errors import CatalogIndexError, ConfigError, PublicationError, VerificationError
 from pipelines import files
 from pipelines import lease
 from pipelines import progress
@@ -107,7 +106,7 @@ class _Publish(beam.DoFn):
             "catalog": {"pattern": plan.catalog_pattern, "files": list(plan.catalog_files)},
             "inputs": plan.inputs(),
             "dimension": plan.fusion.dim,
-            "metric": "angular",
+            "metric": layout.METRIC,
             "trees": self._trees,
             "seed": self._seed,
             "encoders": {"text": dict(plan.text_encoder.to_json(),
@@ -126,7 +125,7 @@ class _Publish(beam.DoFn):
                 "degraded_by_reason": degraded_by_reason,
             },
             "options": self._options,
-            "tool": {"name": "catalog-index", "version": catalog_index.__version__},
+            "tool": {"name": layout.TOOL, "version": layout.TOOL_VERSION},
         }
         mf.validate_manifest(manifest)
         raw = mf.dumps(manifest)

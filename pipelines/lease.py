@@ -16,7 +16,7 @@ import socket
 import threading
 from typing import Optional
 
-from catalog_index.errors import LeaseHeldError
+from schemas.errors import LeaseHeldError
 from pipelines import cas
 from schemas import layout
 

@@ -19,7 +19,7 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from catalog_index.errors import CatalogSchemaError, ConfigError, PublicationError, brief
+from schemas.errors import CatalogSchemaError, ConfigError, PublicationError, brief
 from embedding import builtin
 from embedding import encoders as enc
 from embedding import fusion as fus

@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from catalog_index.errors import PublicationError, VerificationError
+from schemas.errors import PublicationError, VerificationError
 from pipelines import cas
 from pipelines import files
 from schemas import layout
-from schemas import manifest as mf
+from schemas import verification
 
 _log = logging.getLogger(__name__)
 
@@ -78,80 +78,25 @@ def resolve(output: str, version: Optional[str] = None) -> layout.Pointer:
 # --------------------------------------------------------------------------- verification
 
 
-@dataclasses.dataclass
-class Verified:
-    pointer: Optional[layout.Pointer]
-    release_dir: str
-    manifest: dict
-    files: int
-    bytes: int
+class BeamStorage:
+    """verification.Storage over Beam's FileSystems: local paths, gs:// and any registered scheme."""
+
+    join = staticmethod(files.join)
+    relative = staticmethod(files.relative)
+    read_bytes = staticmethod(files.read_bytes)
+    list_files = staticmethod(files.list_files)
+    checksum = staticmethod(files.checksum)
+    size = staticmethod(files.size)
+    parquet_rows = staticmethod(_parquet_rows)
 
 
-def data_files(manifest: dict) -> set:
-    """Every data file a manifest's shards and tables name, relative to the release folder."""
-    out = set()
-    for shard in manifest["shards"]:
-        out.update((shard["path"], shard["id_map"], shard["embeddings"]))
-    for paths in manifest["tables"].values():
-        out.update(paths)
-    return out
+Verified = verification.Verified
+data_files = verification.data_files
 
 
-def verify_release(release_dir: str, pointer: Optional[layout.Pointer] = None, checksums: bool = True) -> Verified:
-    """Checks a release against its manifest; raises VerificationError naming the first bad file."""
-    manifest_path = files.join(release_dir, layout.MANIFEST_FILE)
-    try:
-        raw = files.read_bytes(manifest_path)
-    except Exception as e:
-        raise VerificationError(f"{manifest_path}: missing or unreadable ({type(e).__name__})") from None
-    if pointer is not None and sha256_bytes(raw) != pointer.manifest_sha256:
-        raise VerificationError(f"{manifest_path}: sha256 differs from the one its pointer recorded")
-    try:
-        manifest = json.loads(raw)
-    except ValueError as e:
-        raise VerificationError(f"{manifest_path}: not JSON ({e})") from None
-    try:
-        mf.validate_manifest(manifest)
-    except PublicationError as e:
-        raise VerificationError(f"{manifest_path}: {e}") from None
-    if pointer is not None and (manifest["version"], manifest["release"]) != (pointer.version, pointer.release):
-        raise VerificationError(f"{manifest_path}: describes {manifest['version']}/{manifest['release']}, "
-                                f"its pointer names {pointer.path}")
-    listed = manifest["files"]
-    missing = sorted(data_files(manifest) - set(listed))
-    if missing:
-        raise VerificationError(f"{manifest_path}: {missing[0]} is used but has no checksum in 'files'")
-    present = {files.relative(p, release_dir) for p in files.list_files(release_dir)}
-    total = 0
-    for rel in sorted(listed):
-        path = files.join(release_dir, rel)
-        want = listed[rel]
-        if rel not in present:
-            raise VerificationError(f"{path}: missing")
-        if checksums:
-            size, sha = files.checksum(path)
-            if (size, sha) != (want["size"], want["sha256"]):
-                raise VerificationError(f"{path}: content differs from the manifest "
-                                        f"({size} bytes, sha256 {sha[:12]}...; expected {want['size']} bytes, "
-                                        f"sha256 {want['sha256'][:12]}...)")
-        elif files.size(path) != want["size"]:
-            raise VerificationError(f"{path}: size differs from the manifest")
-        total += want["size"]
-    extra = sorted(present - set(listed) - {layout.MANIFEST_FILE})
-    if extra:
-        raise VerificationError(f"{files.join(release_dir, extra[0])}: not listed in the manifest")
-    for shard in manifest["shards"]:
-        for key in ("id_map", "embeddings"):
-            rows = _parquet_rows(files.join(release_dir, shard[key]))
-            if rows != shard["count"]:
-                raise VerificationError(f"{files.join(release_dir, shard[key])}: {rows} rows, "
-                                        f"shard {shard['index']} holds {shard['count']}")
-    for table in ("rejected", "degraded"):
-        rows = sum(_parquet_rows(files.join(release_dir, p)) for p in manifest["tables"][table])
-        if rows != manifest["counts"][table]:
-            raise VerificationError(f"{release_dir}: {table} table holds {rows} rows, "
-                                    f"the manifest counts {manifest['counts'][table]}")
-    return Verified(pointer, release_dir, manifest, len(listed) + 1, total + len(raw))
+def verify_release(release_dir: str, pointer: Optional[layout.Pointer] = None, checksums: bool = True):
+    """verification.verify_release through Beam's FileSystems (what the publisher and `verify` use)."""
+    return verification.verify_release(release_dir, pointer, checksums, BeamStorage)
 
 
 def verify(output: str, version: Optional[str] = None) -> Verified:

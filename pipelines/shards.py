@@ -9,7 +9,6 @@ by item_id, so identical input gives byte-identical shard files.
 """
 
 import dataclasses
-import hashlib
 import os
 import tempfile
 from typing import Optional, Sequence
@@ -20,32 +19,15 @@ from annoy import AnnoyIndex
 
 from pipelines import files
 from schemas import embeddings as emb
+from schemas import layout
 
-METRIC = "angular"
-
-
-def stable_shard(item_id: str, num_shards: int) -> int:
-    """First 8 bytes of sha256(item_id), big-endian, modulo num_shards.
-
-    Stable across processes, machines and Python versions (unlike hash()), so
-    an item lands in the same shard in every run with the same shard count.
-    """
-    value = int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big")
-    return value % num_shards
+METRIC = layout.METRIC
 
 
-def shard_name(index: int, num_shards: int) -> str:
-    return f"shard-{index:05d}-of-{num_shards:05d}"
-
-
-def shard_paths(index: int, num_shards: int) -> dict:
-    """Paths of one shard's files, relative to the version directory."""
-    name = shard_name(index, num_shards)
-    return {
-        "path": f"shards/{name}.ann",
-        "id_map": f"shards/{name}.ids.parquet",
-        "embeddings": f"embeddings/part-{index:05d}-of-{num_shards:05d}.parquet",
-    }
+# The rules are the published layout's (schemas/layout.py); re-exported for the pipeline's code.
+stable_shard = layout.stable_shard
+shard_name = layout.shard_name
+shard_paths = layout.shard_paths
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,10 +22,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.utils import shared
 
-from catalog_index.errors import brief
+from schemas.errors import brief
 from embedding import encoders as enc
 from embedding import fusion as fus
 from embedding import images
+from pipelines import inference
 from pipelines import progress
 from pipelines import shards as shd
 from pipelines.publication import failpoint
@@ -473,9 +474,9 @@ class EncodeItems(beam.PTransform):
         self._fetch_options = {"timeout": image_timeout, "allow_private_hosts": allow_private_hosts,
                                "image_root": image_root}
         # Batches are formed upstream (BatchItems), so RunInference must not re-batch.
-        self._text = KeyedModelHandler(enc.EncoderModelHandler(
+        self._text = KeyedModelHandler(inference.EncoderModelHandler(
             text_encoder, enc.TEXT, large_model=large_model, model_cache=model_cache)).with_no_batching()
-        self._image = KeyedModelHandler(enc.EncoderModelHandler(
+        self._image = KeyedModelHandler(inference.EncoderModelHandler(
             image_encoder, enc.IMAGE, image_size=image_size, large_model=large_model,
             model_cache=model_cache)).with_no_batching()
         self._image_size = tuple(image_size)

@@ -7,7 +7,7 @@ become rejected rows, see ``schemas.rejected``).
 
 import pyarrow as pa
 
-from catalog_index.errors import CatalogSchemaError
+from schemas.errors import CatalogSchemaError
 
 ITEM_ID = "item_id"
 TITLE = "title"

@@ -10,7 +10,8 @@ them. No Beam and no I/O here, so a search service can import it alone.
         CURRENT                    pointer (JSON) to this version's live release
         <release>/                 immutable once CURRENT or LATEST names it
           manifest.json            written last; lists size and sha256 of every file
-          shards/... embeddings/... rejected/... degraded/...
+          shards/shard-NNNNN-of-NNNNN.ann, .ids.parquet   (shard_paths; items by stable_shard)
+        embeddings/part-NNNNN-of-NNNNN.parquet, rejected/, degraded/
 
 A run writes its files straight into a new release folder that nothing names
 yet, writes the manifest last, then switches ``<version>/CURRENT`` and
@@ -20,12 +21,17 @@ publishes another release of the same version and switches the pointers to it.
 """
 
 import datetime
+import hashlib
 import json
 import re
 import uuid
 from typing import NamedTuple, Optional
 
-from catalog_index.errors import ConfigError, VerificationError
+from schemas.errors import ConfigError, VerificationError
+
+TOOL = "catalog-index"
+TOOL_VERSION = "0.1.0"  # the manifest's "tool"; catalog_index.__version__ repeats it for the application
+METRIC = "angular"  # Annoy's metric for every shard: cosine distance on L2-normalised vectors
 
 LATEST_FILE = "LATEST"
 CURRENT_FILE = "CURRENT"
@@ -70,6 +76,34 @@ def is_release_id(name: str) -> bool:
 def release_path(version: str, release: str) -> str:
     """Path of a release folder relative to the output root."""
     return f"{version}/{release}"
+
+
+# --------------------------------------------------------------------------- files of a release
+
+
+def stable_shard(item_id: str, num_shards: int) -> int:
+    """First 8 bytes of sha256(item_id), big-endian, modulo num_shards.
+
+    Stable across processes, machines and Python versions (unlike hash()), so
+    an item lands in the same shard in every run with the same shard count.
+    """
+    value = int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big")
+    return value % num_shards
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"shard-{index:05d}-of-{num_shards:05d}"
+
+
+def shard_paths(index: int, num_shards: int) -> dict:
+    """Paths of one shard's files, relative to the release folder."""
+    name = shard_name(index, num_shards)
+    return {
+        "path": f"shards/{name}.ann",
+        "id_map": f"shards/{name}.ids.parquet",
+        "embeddings": f"embeddings/part-{index:05d}-of-{num_shards:05d}.parquet",
+    }
+
 
 
 # --------------------------------------------------------------------------- snapshot times

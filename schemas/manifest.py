@@ -11,7 +11,7 @@ import os
 
 import jsonschema
 
-from catalog_index.errors import PublicationError
+from schemas.errors import PublicationError
 from schemas import layout
 
 FORMAT_VERSION = 2

@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Optional
 
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 from embedding.fingerprints import fingerprint
 
 PREFIX = "builtin:"

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 from embedding.builtin import torch_legacy
 
 IMAGE_SIZE = 224

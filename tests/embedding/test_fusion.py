@@ -1,7 +1,9 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 from embedding import fusion as fus
 
 
@@ -79,3 +81,14 @@ def test_inspect_fusion_rejects_non_savedmodel(tmp_path):
 def test_default_fusion_spec():
     s = fus.inspect_fusion(None, 64, 48, None)
     assert (s.kind, s.dim, s.text_weight, s.image_weight) == (fus.PROJECTION, 256, 1.0, 1.0)
+
+
+def test_specs_round_trip_through_their_manifest_json():
+    from embedding import encoders as enc
+
+    projection = fus.FusionSpec(fus.PROJECTION, 8, 4, 6, text_weight=2.0, image_weight=0.5, seed=3)
+    assert fus.FusionSpec.from_json(projection.to_json()) == projection
+    saved = fus.FusionSpec(fus.SAVED_MODEL, 8, 4, 6, path="/m", fingerprint="sha256:" + "a" * 64)
+    assert fus.FusionSpec.from_json(saved.to_json()) == dataclasses.replace(saved, seed=0)
+    spec = enc.EncoderSpec(enc.IMAGE, "builtin:x", 12, "sha256:" + "b" * 64, (32, 32))
+    assert enc.EncoderSpec.from_json(enc.IMAGE, dict(spec.to_json(), chosen_by={"rule": "auto"})) == spec

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalog_index.errors import DataError
+from schemas.errors import DataError
 from embedding import images
 from embedding.images import (
     DEFAULT_MAX_BYTES,

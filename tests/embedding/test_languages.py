@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalog_index.errors import ConfigError
+from schemas.errors import ConfigError
 from embedding import languages as lg
 
 ENGLISH = ["Fresh red apples, 1 kg bag from local orchards", "Whole milk, 1 litre bottle",

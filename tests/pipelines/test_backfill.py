@@ -6,7 +6,7 @@ import pytest
 
 from catalog_index import cli
 from catalog_index import sample
-from catalog_index.errors import ConfigError
+from schemas.errors import ConfigError
 from pipelines import backfill
 from pipelines import publication as pub
 from schemas import layout

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from catalog_index.errors import LeaseHeldError
+from schemas.errors import LeaseHeldError
 from pipelines import cas
 from pipelines import lease
 from schemas import layout

@@ -13,7 +13,7 @@ from annoy import AnnoyIndex
 from apache_beam.io.filesystems import FileSystems
 
 from catalog_index import cli
-from catalog_index.errors import ConfigError
+from schemas.errors import ConfigError
 from embedding import fusion as fus
 from pipelines import files
 from pipelines import index_pipeline

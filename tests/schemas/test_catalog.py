@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from catalog_index.errors import CatalogSchemaError
+from schemas.errors import CatalogSchemaError
 from schemas import catalog as cat
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from catalog_index.errors import ConfigError, VerificationError
+from schemas.errors import ConfigError, VerificationError
 from schemas import layout
 
 

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from catalog_index.errors import PublicationError
+from schemas.errors import PublicationError
 from schemas import manifest as mf
 
 SHA = "a" * 64

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 from embedding.builtin import efficientnet_lite
 from embedding.encoders import Encoder
 from embedding.images import load_image

@@ -15,7 +15,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 from embedding.builtin import minilm
 
 tf = pytest.importorskip("tensorflow")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from catalog_index import cli
-from catalog_index.errors import EncoderError
+from schemas.errors import EncoderError
 from embedding import builtin
 from embedding import encoders as enc
 from embedding import tiny

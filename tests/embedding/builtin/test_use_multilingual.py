@@ -21,7 +21,7 @@ spm = pytest.importorskip("sentencepiece")
 
 import tensorflow_hub as hub  # noqa: E402
 
-from catalog_index.errors import EncoderError  # noqa: E402
+from schemas.errors import EncoderError  # noqa: E402
 from embedding import encoders as enc  # noqa: E402
 from embedding.builtin import use_multilingual as um  # noqa: E402
 

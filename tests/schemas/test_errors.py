@@ -1,4 +1,4 @@
-from catalog_index.errors import brief
+from schemas.errors import brief
 
 
 def test_brief_keeps_the_telling_line():

@@ -1,0 +1,65 @@
+"""RunInference's model handler for the encoders: loads an ``Encoder`` once per worker.
+
+The encoder itself (embedding/encoders.py) knows nothing of Beam; this handler
+adds what RunInference needs: loading under ``shared.Shared`` (one copy per
+process, or per machine with ``--large-model``), batching and metrics.
+"""
+
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler
+
+from embedding.encoders import TEXT, Encoder
+from pipelines.progress import NAMESPACE as METRICS_NAMESPACE
+
+_log = logging.getLogger(__name__)
+
+
+class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
+    """RunInference handler for a Hub encoder; yields one float32 vector per example.
+
+    Wrap it in ``KeyedModelHandler`` to carry item ids through the batch.
+    """
+
+    def __init__(self, handle: str, kind: str, image_size=None, min_batch_size=1, max_batch_size=32,
+                 large_model=False, model_cache=None):
+        super().__init__()
+        self._handle = handle
+        self._model_cache = model_cache
+        self._kind = kind
+        self._image_size = tuple(image_size) if image_size else None
+        self._batch_kwargs = {"min_batch_size": min_batch_size, "max_batch_size": max_batch_size}
+        self._large_model = large_model
+        self._batch_size = Metrics.distribution(METRICS_NAMESPACE, f"{kind}_encoder_batch_size")
+        self._latency = Metrics.distribution(METRICS_NAMESPACE, f"{kind}_encoder_latency_ms")
+
+    def load_model(self) -> Encoder:
+        start = time.perf_counter()
+        encoder = Encoder(self._handle, self._kind, self._image_size, self._model_cache)
+        _log.info("loaded %s encoder %s in %.1fs", self._kind, self._handle, time.perf_counter() - start)
+        return encoder
+
+    def run_inference(self, batch: Sequence[Any], model: Encoder, inference_args=None) -> Iterable[np.ndarray]:
+        start = time.perf_counter()
+        vectors = model.encode(batch if self._kind == TEXT else np.stack(batch))
+        self._latency.update(int((time.perf_counter() - start) * 1000))
+        self._batch_size.update(len(batch))
+        return list(vectors)
+
+    def get_num_bytes(self, batch) -> int:
+        if self._kind == TEXT:
+            return sum(len(s.encode("utf-8")) for s in batch)
+        return sum(np.asarray(x).nbytes for x in batch)
+
+    def batch_elements_kwargs(self):
+        return dict(self._batch_kwargs)
+
+    def share_model_across_processes(self) -> bool:
+        return self._large_model
+
+    def get_metrics_namespace(self) -> str:
+        return f"{METRICS_NAMESPACE}.{self._kind}_encoder"
