@@ -1,0 +1,10 @@
+"""Beam-free search over published catalog-index releases.
+
+May import only ``schemas``, ``embedding`` and third-party libraries (never
+``pipelines``, ``catalog_index`` or Apache Beam): a search service installs
+this package without the batch machinery. tests/test_layers.py enforces it.
+"""
+
+from search.ann import ShardSet, exact_search
+
+__all__ = ["ShardSet", "exact_search"]
