@@ -28,6 +28,7 @@ from pipelines import files
 from pipelines import lease
 from pipelines import progress
 from pipelines import publication as pub
+from pipelines import recall
 from pipelines import transforms as tr
 from pipelines.options import IndexOptions, IndexPlan
 from schemas import layout
@@ -127,6 +128,8 @@ class _Publish(beam.DoFn):
             "options": self._options,
             "tool": {"name": layout.TOOL, "version": layout.TOOL_VERSION},
         }
+        # The recall gate: search_k for readers, or a refusal (pipelines/recall.py).
+        manifest["validation"] = recall.measure(plan.release_dir, manifest, self._limits["min_recall"])
         mf.validate_manifest(manifest)
         raw = mf.dumps(manifest)
         pub.failpoint("before_manifest")
@@ -231,7 +234,8 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     _ = rejected | "CountRejectedMetric" >> beam.Map(lambda r: progress.counter(f"rejected_{r.reason}").inc())
     _ = degraded | "CountDegradedMetric" >> beam.Map(lambda r: progress.counter(f"degraded_{r.reason}").inc())
 
-    limits = {"max_rejected_fraction": opts.max_rejected_fraction, "max_degraded_fraction": opts.max_degraded_fraction}
+    limits = {"max_rejected_fraction": opts.max_rejected_fraction, "max_degraded_fraction": opts.max_degraded_fraction,
+              "min_recall": opts.min_recall}
     options = {**plan.content_options, **limits}
     return {
         "shards": shards,

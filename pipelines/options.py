@@ -98,6 +98,10 @@ class IndexOptions(PipelineOptions):
                             type=float, default=0.10,
                             help="Fail before publication when more than this fraction of the indexed items lost "
                                  "their image (default 0.10).")
+        parser.add_argument("--min-recall", "--min_recall", dest="min_recall", type=float, default=0.95,
+                            help="Refuse to publish unless the sharded index reaches this recall@10 against exact "
+                                 "search on a sample of the items at some search_k (default 0.95); the smallest "
+                                 "such search_k goes into the manifest for readers.")
         parser.add_argument("--snapshot-time", "--snapshot_time", dest="snapshot_time", default=None,
                             help="What time the catalog describes (ISO 8601, UTC by default); LATEST only moves to "
                                  "a later snapshot. Default: the run's start (backfill: the date).")
@@ -138,6 +142,8 @@ class IndexOptions(PipelineOptions):
                             ("max-degraded-fraction", self.max_degraded_fraction)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{flag} must be within [0, 1], got {value}")
+        if not 0.0 <= self.min_recall <= 1.0:
+            raise ConfigError(f"--min-recall must be within [0, 1], got {self.min_recall}")
         if not self.image_timeout > 0:
             raise ConfigError(f"--image-timeout must be > 0 seconds, got {self.image_timeout}")
         if self.text_weight < 0 or self.image_weight < 0 or self.text_weight + self.image_weight == 0:

@@ -25,6 +25,7 @@ def good_manifest():
         "catalog": {"pattern": "c/*.parquet", "files": ["c/a.parquet"]},
         "inputs": {"digest": "sha256:" + SHA, "catalog": [{"path": "c/a.parquet", "size": 10, "sha256": SHA}]},
         "files": files,
+        "validation": {"sample_size": 7, "recall_at_10": 1.0, "self_hit_at_1": 1.0, "search_k": 100, "min_recall": 0.95},
         "dimension": 16, "metric": "angular", "trees": 10, "seed": 0,
         "encoders": {"text": ENCODER, "image": dict(ENCODER, image_size=[32, 32])},
         "fusion": {"kind": "projection", "text_dim": 8, "image_dim": 8, "dim": 16},
@@ -59,6 +60,8 @@ def test_good_manifest_validates():
         (lambda m: m["shards"][1].update(path="shards/../../x.ann"), "shards/1/path"),
         (lambda m: m.update(snapshot="yesterday"), "snapshot"),
         (lambda m: m.update(format_version=1), "format_version"),
+        (lambda m: m.pop("validation"), "validation"),
+        (lambda m: m["validation"].update(recall_at_10=1.5), "validation"),
     ],
 )
 def test_broken_manifest_is_refused(mutate, message):
