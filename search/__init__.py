@@ -6,5 +6,6 @@ this package without the batch machinery. tests/test_layers.py enforces it.
 """
 
 from search.ann import ShardSet, exact_search
+from search.index import Hit, QueryError, Searcher, Watcher, open_index, read_pointer
 
-__all__ = ["ShardSet", "exact_search"]
+__all__ = ["Hit", "QueryError", "Searcher", "ShardSet", "Watcher", "exact_search", "open_index", "read_pointer"]
