@@ -10,6 +10,9 @@ import contextlib
 import http.client
 import io
 import json
+import logging
+import os
+import shutil
 import socket
 import threading
 import time
@@ -464,3 +467,72 @@ def test_serve_refuses_bad_flags_with_exit_2(argv, words, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _write_latest(root, data):
+    tmp = os.path.join(root, "LATEST.tmp-test")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, os.path.join(root, "LATEST"))
+
+
+def _wait_for(client, version, seconds=30):
+    deadline = time.monotonic() + seconds
+    while (got := client.get("/version")[1]["version"]) != version:
+        assert time.monotonic() < deadline, f"still serving {got}, not {version}"
+        time.sleep(0.1)
+
+
+def test_a_real_published_version_served_through_the_real_watcher(published_v1, published_v2, tmp_path, caplog):
+    """Publish (pipeline + tiny encoders), serve through search.Watcher polling LATEST: searches, a swap
+    to v2 picked up by polling, then a damaged release refused while v2 keeps serving."""
+    from search import Watcher
+    from tests.search.conftest import flip_byte, shard_file
+
+    root = str(tmp_path / "out")
+    shutil.copytree(published_v1, root)
+    with open(os.path.join(root, "LATEST"), "rb") as f:
+        v1_latest = f.read()
+    watcher = Watcher(root, poll_seconds=0.2, grace_seconds=0.05)
+    try:
+        with serving(service.create_app(watcher, search_threads=2)) as (host, port, _):
+            client = Client(host, port)
+            status, body = client.get("/version")
+            assert status == 200 and body["version"] == "v1" and body["counts"]["indexed"] > 0, body
+            status, body = client.get("/search?q=organic%20coffee&k=5")
+            assert status == 200 and body["version"] == "v1" and len(body["results"]) == 5, body
+            scores = [r["score"] for r in body["results"]]
+            assert scores == sorted(scores, reverse=True) and all(isinstance(r["item_id"], str) for r in body["results"])
+            status, body = client.upload("/search/image", png(40, 30), fields={"k": "3"})
+            assert status == 200 and len(body["results"]) == 3, body
+            status, body = client.post_json("/search", {"text": "coffee", "image": base64.b64encode(png()).decode(),
+                                                        "k": 4})
+            assert status == 200 and len(body["results"]) == 4, body
+            assert client.upload("/search/image", b"GIF89a not really")[0] == 415
+
+            # v2 appears as a publisher leaves it: its version folder, then LATEST; polling picks it up
+            shutil.copytree(os.path.join(published_v2, "v2"), os.path.join(root, "v2"))
+            with open(os.path.join(published_v2, "LATEST"), "rb") as f:
+                _write_latest(root, f.read())
+            _wait_for(client, "v2")
+            assert client.get("/search?q=coffee&k=2")[1]["version"] == "v2"
+            assert metrics(client)["catalog_index_loaded_version"] == {
+                (("release", client.get("/version")[1]["release"]), ("version", "v2")): 1.0}
+
+            # LATEST moved to a release whose shard no longer matches its manifest: refused, v2 serves on
+            time.sleep(0.3)  # past the grace period: v1's searcher is closed before its file changes
+            flip_byte(shard_file(root, "v1"))
+            with caplog.at_level(logging.WARNING, logger="search.index"):
+                _write_latest(root, v1_latest)
+                deadline = time.monotonic() + 30
+                while not any("refused" in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, "the damaged release was never checked"
+                    time.sleep(0.1)
+            assert client.get("/version")[1]["version"] == "v2"
+            assert client.get("/healthz")[0] == 200
+            assert client.get("/search?q=coffee&k=2")[1]["version"] == "v2"
+    finally:
+        watcher.close()
