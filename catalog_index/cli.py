@@ -6,6 +6,7 @@
     catalog-index verify   --index DIR [--version V]
     catalog-index gc       --output DIR [--keep N] [--older-than DAYS] [--dry-run]
     catalog-index sample   --output DIR   (a generated catalog and tiny encoders)
+    catalog-index serve    --index DIR [--host H] [--port P] [--workers N] [--poll-seconds S]
 
 Exit status: 0 done, 1 a data or run failure (the input, a check, another run holding
 the output), 2 a usage or configuration error; either way one line on stderr.
@@ -16,7 +17,7 @@ import os
 import re
 import sys
 
-USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample} [options]
+USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample,serve} [options]
 
   index      build and publish one index version from a catalog
   backfill   build one version per date from a dated catalog pattern
@@ -24,6 +25,7 @@ USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample} [option
   gc         remove abandoned and replaced releases, and old versions
   models     list, build or export the built-in pretrained encoders
   sample     write a generated sample catalog and tiny encoders (no network)
+  serve      serve searches over HTTP (text, image upload), following LATEST
 
 Run `catalog-index COMMAND --help` for the options of a command."""
 
@@ -158,8 +160,16 @@ def _sample(argv):
     return 0
 
 
+def _serve(argv):
+    from pipelines import flags
+    from search import service
+
+    return service.serve(argv, flags.ArgumentParser(prog="catalog-index serve", description=service.DESCRIPTION,
+                                                    allow_abbrev=False))
+
+
 COMMANDS = {"index": _index, "backfill": _backfill, "verify": _verify, "gc": _gc, "models": _models,
-            "sample": _sample}
+            "sample": _sample, "serve": _serve}
 
 
 def main(argv=None) -> int:
