@@ -6,6 +6,7 @@
     catalog-index verify   --index DIR [--version V]
     catalog-index gc       --output DIR [--keep N] [--older-than DAYS] [--dry-run]
     catalog-index sample   --output DIR   (a generated catalog and tiny encoders)
+    catalog-index query    --index DIR (--text Q | --image PATH | --queries FILE) [--k 10]
     catalog-index serve    --index DIR [--host H] [--port P] [--workers N] [--poll-seconds S]
 
 Exit status: 0 done, 1 a data or run failure (the input, a check, another run holding
@@ -17,7 +18,7 @@ import os
 import re
 import sys
 
-USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample,serve} [options]
+USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample,query,serve} [options]
 
   index      build and publish one index version from a catalog
   backfill   build one version per date from a dated catalog pattern
@@ -25,6 +26,7 @@ USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample,serve} [
   gc         remove abandoned and replaced releases, and old versions
   models     list, build or export the built-in pretrained encoders
   sample     write a generated sample catalog and tiny encoders (no network)
+  query      search a published index (text, image or both; JSON lines out)
   serve      serve searches over HTTP (text, image upload), following LATEST
 
 Run `catalog-index COMMAND --help` for the options of a command."""
@@ -160,6 +162,55 @@ def _sample(argv):
     return 0
 
 
+def _query(argv):
+    import json
+
+    from pipelines import flags
+    from schemas.errors import UsageError
+
+    parser = flags.ArgumentParser(
+        prog="catalog-index query", allow_abbrev=False,
+        description="Search a published index (verified first) with text, an image or both, or with a JSON-lines "
+                    "file of queries ({\"id\", \"text\", \"image\": path}); prints one JSON object per query: "
+                    "{\"id\", \"results\": [{\"item_id\", \"score\", \"shard\", \"title\"}]} or {\"id\", \"error\"}.")
+    parser.add_argument("--index", required=True, help="output root of `catalog-index index` (local or gs://)")
+    parser.add_argument("--text", default=None, help="query text")
+    parser.add_argument("--image", default=None, help="query image file (JPEG, PNG, GIF, BMP, WebP)")
+    parser.add_argument("--queries", default=None, help="JSON-lines file of queries (instead of --text/--image)")
+    parser.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--search-k", "--search_k", dest="search_k", type=int, default=None,
+                        help="Annoy search_k per shard (default: the release's validated one, else exact)")
+    parser.add_argument("--version", default=None, help="version to search (default: the one LATEST names)")
+    parser.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None,
+                        help="local copy of a gs:// index (default ~/.cache/catalog-index/releases)")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
+                        help="queries embedded and searched together (default 64)")
+    args = parser.parse_args(argv)
+    if args.queries is not None and (args.text is not None or args.image is not None):
+        raise UsageError("give --queries or --text/--image, not both")
+    if args.queries is None and args.text is None and args.image is None:
+        raise UsageError("give --text, --image (or both), or --queries FILE")
+    if args.k < 1 or args.batch_size < 1 or args.search_k == 0 or (args.search_k or 0) < -1:
+        raise UsageError("--k and --batch-size must be at least 1, --search-k positive or -1")
+    if args.queries is not None and not os.path.isfile(args.queries):
+        raise UsageError(f"--queries {args.queries!r}: no such file")
+
+    from search import index as search_index
+    from search import queries as search_queries
+
+    searcher = search_index.open_index(args.index, args.version, args.cache_dir)
+    try:
+        if args.queries is not None:
+            queries = search_queries.read_jsonl(args.queries)
+        else:
+            queries = [{"id": None, "text": args.text, "image": args.image}]
+        for answer in search_queries.answer(searcher, queries, args.k, args.search_k, args.batch_size):
+            print(json.dumps(answer, ensure_ascii=False), flush=True)
+    finally:
+        searcher.close()
+    return 0
+
+
 def _serve(argv):
     from pipelines import flags
     from search import service
@@ -169,7 +220,7 @@ def _serve(argv):
 
 
 COMMANDS = {"index": _index, "backfill": _backfill, "verify": _verify, "gc": _gc, "models": _models,
-            "sample": _sample, "serve": _serve}
+            "sample": _sample, "query": _query, "serve": _serve}
 
 
 def main(argv=None) -> int:
