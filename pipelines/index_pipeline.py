@@ -16,7 +16,9 @@ never see it; a failed run removes its own folder, ``gc`` a killed one's.
 import datetime
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -24,6 +26,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from schemas.errors import CatalogIndexError, ConfigError, PublicationError, VerificationError
+from embedding import fusion as fus
+from embedding import query_encoder as qe
 from pipelines import files
 from pipelines import lease
 from pipelines import progress
@@ -51,13 +55,15 @@ class _Publish(beam.DoFn):
     A kill at any point leaves the pointers on complete, verified releases.
     """
 
-    def __init__(self, plan: IndexPlan, options: dict, limits: dict, trees: int, seed: int, lease_seconds: int):
+    def __init__(self, plan: IndexPlan, options: dict, limits: dict, trees: int, seed: int, lease_seconds: int,
+                 model_cache: Optional[str] = None):
         self._plan = plan
         self._options = options
         self._limits = limits
         self._trees = trees
         self._seed = seed
         self._lease_seconds = lease_seconds
+        self._model_cache = model_cache  # where built-in encoders live, for the query encoder's export
 
     def _check_limits(self, read, rejected_by_reason, indexed, degraded_by_reason):
         rejected = sum(rejected_by_reason.values())
@@ -78,7 +84,8 @@ class _Publish(beam.DoFn):
         if indexed == 0:
             raise PublicationError(f"no item of the {read} rows read could be indexed; nothing was published")
 
-    def process(self, _, shards, read, rejected_counts, degraded_counts, rejected_files, degraded_files):
+    def process(self, _, shards, read, rejected_counts, degraded_counts, rejected_files, degraded_files,
+                query_sample=()):
         plan = self._plan
         shards = sorted(shards, key=lambda s: s.index)
         rejected_by_reason = _count(rejected_counts)
@@ -98,6 +105,10 @@ class _Publish(beam.DoFn):
         for rel in tables["rejected"] + tables["degraded"]:
             size, sha = files.checksum(files.join(plan.release_dir, rel))
             entries[rel] = {"size": size, "sha256": sha}
+        query_encoder = None
+        if not files.exists(files.join(plan.release_dir, layout.MANIFEST_FILE)):  # a sealed release stays as is
+            query_encoder, query_files = _ship_query_encoder(plan, query_sample, self._model_cache)
+            entries.update(query_files)
         manifest = {
             "format_version": mf.FORMAT_VERSION,
             "version": plan.version,
@@ -114,6 +125,7 @@ class _Publish(beam.DoFn):
                                       **({"chosen_by": plan.text_choice.to_json()} if plan.text_choice else {})),
                          "image": plan.image_encoder.to_json()},
             "fusion": plan.fusion.to_json(),
+            **({"query_encoder": query_encoder} if query_encoder is not None else {}),
             "shards": [s.to_json() for s in shards],
             "tables": tables,
             "files": dict(sorted(entries.items())),
@@ -151,6 +163,35 @@ class _Publish(beam.DoFn):
         yield manifest
 
 
+def _ship_query_encoder(plan: IndexPlan, samples, model_cache: Optional[str]) -> tuple:
+    """Exports the query encoder, checks it against the pipeline's own vectors, copies it into the release.
+
+    Exported to local temp space first (``tf.saved_model.save`` writes to local disks; files.* to any
+    filesystem). Returns (the manifest's ``query_encoder`` entry, {relative path: {size, sha256}} of
+    its files). Raises PublicationError when a sampled item's query vector is off.
+    """
+    with tempfile.TemporaryDirectory(prefix="catalog-index-query-encoder-") as tmp:
+        local = qe.export_query_encoder(plan.text_encoder, plan.image_encoder, plan.fusion,
+                                        os.path.join(tmp, qe.DIRECTORY), model_cache, tr.MAX_TEXT_CHARS)
+        parity = qe.measure_parity(qe.QueryEncoder(local), fus.make_fusion(plan.fusion), samples)
+        worst = qe.worst_parity(parity)
+        if worst is not None and worst[1] < qe.PARITY_THRESHOLD:
+            name, cosine, item_id = worst
+            raise PublicationError(
+                f"the query encoder does not reproduce the pipeline's vectors: worst cosine {cosine:.6f} "
+                f"({name}, item {item_id!r}), under {qe.PARITY_THRESHOLD}. Nothing was published (LATEST was "
+                f"not touched)")
+        entries = {}
+        for root, _, names in os.walk(local):
+            for name in names:
+                rel = qe.DIRECTORY + "/" + os.path.relpath(os.path.join(root, name), local).replace(os.sep, "/")
+                size, sha = files.copy_local_file(os.path.join(root, name), files.join(plan.release_dir, rel))
+                entries[rel] = {"size": size, "sha256": sha}
+    _log.info("query encoder: %d files; parity %s", len(entries),
+              {n: parity[n].get("min_cosine") for n in qe.SIGNATURES})
+    return {"path": qe.DIRECTORY, "parity": parity}, entries
+
+
 def _same_content(output: str, manifest: dict):
     """identical(pointer): whether the release a pointer names has this manifest's content
     (same inputs digest and the same shard files), so a rerun can keep it instead of failing."""
@@ -168,9 +209,10 @@ def _same_content(output: str, manifest: dict):
 class PublishIndex(beam.PTransform):
     """Waits for every output of the run, then checks and publishes the version (see _Publish)."""
 
-    def __init__(self, plan: IndexPlan, options: dict, limits: dict, trees: int, seed: int, lease_seconds: int):
+    def __init__(self, plan: IndexPlan, options: dict, limits: dict, trees: int, seed: int, lease_seconds: int,
+                 model_cache: Optional[str] = None):
         super().__init__()
-        self._publish = _Publish(plan, options, limits, trees, seed, lease_seconds)
+        self._publish = _Publish(plan, options, limits, trees, seed, lease_seconds, model_cache)
 
     def expand(self, inputs):
         as_dict = beam.pvalue.AsDict
@@ -185,6 +227,7 @@ class PublishIndex(beam.PTransform):
                 degraded_counts=as_dict(inputs["degraded_counts"]),
                 rejected_files=beam.pvalue.AsList(inputs["rejected_files"]),
                 degraded_files=beam.pvalue.AsList(inputs["degraded_files"]),
+                query_sample=beam.pvalue.AsList(inputs["query_sample"]),
             )
         )
 
@@ -221,6 +264,8 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
         model_cache=opts.model_cache, image_timeout=opts.image_timeout,
         allow_private_hosts=bool(opts.allow_private_image_hosts), image_root=opts.image_root)
     fused = encoded["items"] | "FuseEmbeddings" >> tr.FuseEmbeddings(plan.fusion)
+    query_sample = {"batches": batches, tr.IMAGES: encoded[tr.IMAGES], "items": fused["items"]} | (
+        "SampleQueryInputs" >> tr.SampleQueryInputs())
     shards = fused["items"] | "WriteAnnoyShards" >> tr.WriteAnnoyShards(
         staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed)
 
@@ -246,7 +291,9 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
         | "CountDegraded" >> beam.combiners.Count.PerElement(),
         "rejected_files": rejected_files,
         "degraded_files": degraded_files,
-    } | "PublishIndex" >> PublishIndex(plan, options, limits, opts.trees, opts.seed, opts.lease_seconds)
+        "query_sample": query_sample,
+    } | "PublishIndex" >> PublishIndex(plan, options, limits, opts.trees, opts.seed, opts.lease_seconds,
+                                       opts.model_cache)
 
 
 class IndexRunResult:

@@ -37,6 +37,7 @@ _log = logging.getLogger(__name__)
 
 REJECTED = "rejected"
 DEGRADED = "degraded"
+IMAGES = "images"
 
 # Texts longer than this are cut before encoding: encoders truncate tokens
 # anyway, and this bounds the memory a pathological description can take.
@@ -462,7 +463,8 @@ class EncodeItems(beam.PTransform):
     """Runs the text and image encoders as RunInference steps keyed by item_id.
 
     Input: deterministic batches from BatchItems. Outputs {"items": [EncodedItem]
-    per batch, "rejected": Rejection, "degraded": Rejection}.
+    per batch, "rejected": Rejection, "degraded": Rejection, "images": the loaded
+    pixels per batch}.
     """
 
     def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int, batch_size: int = 32,
@@ -516,7 +518,9 @@ class EncodeItems(beam.PTransform):
             | "AssembleItems" >> beam.ParDo(_Assemble(self._reject_on_image_error)).with_outputs(
                 REJECTED, DEGRADED, main="items")
         )
-        return {"items": joined.items, REJECTED: joined[REJECTED], DEGRADED: joined[DEGRADED]}
+        # "images": the prepared pixels, per batch [(item_id, float32 [h, w, 3])], for SampleQueryInputs.
+        return {"items": joined.items, REJECTED: joined[REJECTED], DEGRADED: joined[DEGRADED],
+                IMAGES: loaded.arrays}
 
 
 class _Fuse(beam.DoFn):
@@ -571,6 +575,86 @@ class FuseEmbeddings(beam.PTransform):
     def expand(self, batches):
         results = batches | "FuseVectors" >> beam.ParDo(_Fuse(self._spec)).with_outputs(REJECTED, main="items")
         return {"items": results.items, REJECTED: results[REJECTED]}
+
+
+# ---------------------------------------------------------------------------
+# SampleQueryInputs
+
+QUERY_SAMPLE_SIZE = 32
+
+
+class QuerySample(NamedTuple):
+    """One indexed item's raw inputs and vectors: the publisher checks the query encoder on them."""
+
+    item_id: str
+    text: Optional[str]  # what the text encoder saw (item_text), or None
+    pixels: Optional[np.ndarray]  # uint8 [h, w, 3]: the image encoder saw pixels / 255; None without an image
+    text_embedding: Optional[np.ndarray]
+    image_embedding: Optional[np.ndarray]
+    embedding: np.ndarray  # the fused vector, as indexed
+
+    @property
+    def image(self) -> Optional[np.ndarray]:
+        """float32 [h, w, 3] in [0, 1], bit for bit what the image encoder saw (images.to_model_input)."""
+        return None if self.pixels is None else self.pixels.astype(np.float32) / np.float32(255.0)
+
+
+def sample_rank(item_id: str) -> tuple:
+    """Sampled items are the ones with the smallest rank: a stable hash, the same in every run."""
+    return shd.stable_shard(item_id, 1 << 64), item_id
+
+
+def _sampled_texts(batch, chosen):
+    for row in batch[1]:
+        if row.item_id in chosen and item_text(row) is not None:
+            yield row.item_id, item_text(row)
+
+
+def _sampled_pixels(loaded, chosen):
+    for item_id, array in loaded:
+        if item_id in chosen:
+            yield item_id, np.round(array * 255.0).astype(np.uint8)
+
+
+def _sampled_vectors(item, chosen):
+    if item.item_id in chosen:
+        yield item.item_id, (item.text_embedding, item.image_embedding, item.embedding)
+
+
+def _to_query_sample(element) -> QuerySample:
+    item_id, joined = element
+    texts, pixels = list(joined["text"]), list(joined["pixels"])
+    (vectors,) = joined["vectors"]
+    return QuerySample(item_id, texts[0] if texts else None, pixels[0] if pixels else None, *vectors)
+
+
+class SampleQueryInputs(beam.PTransform):
+    """Carries up to ``size`` indexed items' raw text, pixels and vectors to the publisher.
+
+    Input: {"batches": BatchItems' output, "images": EncodeItems' "images", "items":
+    FuseEmbeddings' items}. The items are the indexed ones with the smallest
+    ``sample_rank``, so reruns check the same items. Output: QuerySample.
+    """
+
+    def __init__(self, size: int = QUERY_SAMPLE_SIZE):
+        super().__init__()
+        self._size = size
+
+    def expand(self, inputs):
+        chosen = beam.pvalue.AsSingleton(
+            inputs["items"]
+            | "ListIndexedIds" >> beam.Map(lambda it: it.item_id)
+            | "PickSampleIds" >> beam.combiners.Top.Smallest(self._size, key=sample_rank)
+            | "MakeIdSet" >> beam.Map(frozenset))
+        return (
+            {
+                "text": inputs["batches"] | "SampleTexts" >> beam.FlatMap(_sampled_texts, chosen),
+                "pixels": inputs["images"] | "SamplePixels" >> beam.FlatMap(_sampled_pixels, chosen),
+                "vectors": inputs["items"] | "SampleVectors" >> beam.FlatMap(_sampled_vectors, chosen),
+            }
+            | "JoinSample" >> beam.CoGroupByKey()
+            | "MakeQuerySamples" >> beam.Map(_to_query_sample)
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -109,6 +109,9 @@ def test_published_layout_and_latest(published):
         assert files.checksum(path) == (shard["size"], shard["sha256"])
     listed = {s["path"] for s in manifest["shards"]} | {s["id_map"] for s in manifest["shards"]}
     listed |= {p for paths in manifest["tables"].values() for p in paths}
+    shipped = {p for p in manifest["files"] if p.startswith(manifest["query_encoder"]["path"] + "/")}
+    assert "query_encoder/saved_model.pb" in shipped  # the release's query encoder (embedding/query_encoder.py)
+    listed |= shipped
     # Every file is listed with its size and sha256, checked here independently of the publisher.
     assert set(manifest["files"]) == listed
     content = tree(version_dir)
