@@ -29,7 +29,8 @@ USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample,query,se
   query      search a published index (text, image or both; JSON lines out)
   serve      serve searches over HTTP (text, image upload), following LATEST
 
-Run `catalog-index COMMAND --help` for the options of a command."""
+Run `catalog-index COMMAND --help` for the options of a command. `--verbose` anywhere keeps
+TensorFlow's native start-up messages and prints tracebacks of errors."""
 
 
 def _quiet_tensorflow():
@@ -223,8 +224,51 @@ COMMANDS = {"index": _index, "backfill": _backfill, "verify": _verify, "gc": _gc
             "sample": _sample, "query": _query, "serve": _serve}
 
 
+# What TensorFlow's C++ runtime prints at start-up on its own (absl's pre-init notice, oneDNN and
+# CUDA notices, the "failed call to cuInit" error on machines without a GPU, CPU-feature hints).
+# TF_CPP_MIN_LOG_LEVEL does not reach these, so they are filtered from the process's stderr.
+_NATIVE_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IWEF]\d{4} [\d:.]+\s+\d+\s+[\w./-]+:\d+\] .*"
+    r"|To enable the following instructions: .*)$")
+
+
+def _filter_native_stderr():
+    """Routes file descriptor 2 through a thread that drops TensorFlow's native start-up lines."""
+    import atexit
+    import threading
+
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        with os.fdopen(read_end, "rb") as src:
+            for line in src:
+                if not _NATIVE_NOISE.match(line.decode("utf-8", "replace").rstrip("\r\n")):
+                    os.write(original, line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore():
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(original, 2)  # closes the pipe's last writer in this process: the pump drains and ends
+            thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
 def main(argv=None) -> int:
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    if as_program and not verbose:
+        _filter_native_stderr()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -236,6 +280,10 @@ def main(argv=None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except CatalogIndexError as e:
         # One line: the message already says what to fix; tracebacks are for bugs, not for users.
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"catalog-index {argv[0]}: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_status
 
