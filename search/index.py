@@ -377,11 +377,16 @@ class Searcher:
         return self._closed
 
     def close(self) -> None:
-        """Refuses new searches, waits for those in flight, then unmaps the shards. Idempotent."""
+        """Waits until no search is in flight, then refuses new ones and unmaps the shards. Idempotent.
+
+        Searches that start while it waits (a caller still holding this searcher) are let through.
+        """
         with self._state:
-            self._closed = True
             while self._in_flight:
                 self._state.wait()
+            if self._closed:
+                return
+            self._closed = True
         self.shards.close()
 
     def __enter__(self):
@@ -444,12 +449,12 @@ class Searcher:
     def search(self, texts: Optional[list] = None, images: Optional[list] = None,
                vectors: Optional[np.ndarray] = None, k: int = 10, search_k: Optional[int] = None) -> list:
         """Top ``k`` hits per query, best first: embeds texts/images, or searches ``vectors`` as given."""
-        if vectors is None:
-            vectors = self.embed(texts, images)
-        elif texts is not None or images is not None:
+        if vectors is not None and (texts is not None or images is not None):
             raise ValueError("give vectors, or texts/images, not both")
-        self.acquire()
+        self.acquire()  # before embedding: a swap must not close this searcher under a slow batch
         try:
+            if vectors is None:
+                vectors = self.embed(texts, images)
             found = self.shards.search(vectors, k, self.default_search_k if search_k is None else search_k)
         finally:
             self.release_ref()

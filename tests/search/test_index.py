@@ -190,3 +190,28 @@ def test_watcher_swaps_under_load_and_refuses_a_damaged_release(published_v1, pu
     assert [tuple(h) for h in watcher.search(vectors=queries[:1], k=5)[0]] == expected["v2"][0]
     watcher.close()
     assert watcher.current().closed
+
+
+def test_a_replaced_searcher_stays_open_while_it_is_held(published_v1, published_v2, tmp_path):
+    import time
+
+    root = str(tmp_path / "out")
+    shutil.copytree(published_v1, root)
+    queries = np.random.default_rng(6).standard_normal((2, 256)).astype(np.float32)
+    watcher = Watcher(root, poll_seconds=3600, grace_seconds=0.01)
+    try:
+        with watcher.acquire() as held:
+            before = held.search(vectors=queries, k=3)
+            shutil.copytree(os.path.join(published_v2, "v2"), os.path.join(root, "v2"))
+            shutil.copyfile(os.path.join(published_v2, "LATEST"), os.path.join(root, "LATEST"))
+            assert watcher.check_now() and watcher.current().version == "v2"
+            time.sleep(0.3)  # well past the grace period: only the reference keeps it open
+            assert not held.closed and held.in_flight == 1
+            assert held.search(vectors=queries, k=3) == before  # still v1, still answering
+        for t in watcher._retiring:
+            t.join(timeout=10)
+        assert held.closed and held.version == "v1"
+        with pytest.raises(RuntimeError, match="closed"):
+            held.search(vectors=queries, k=3)
+    finally:
+        watcher.close()
