@@ -51,6 +51,8 @@ setup(
         "test": ["pytest>=8", "sentencepiece>=0.2"],
         # Only for the optional parity tests against the PyTorch reference implementations.
         "reference": ["torch==2.13.0", "sentence-transformers>=3", "efficientnet-lite-pytorch==0.1.0"],
+        # benchmark peers only (benchmarks/bench_ann.py): the product searches with Annoy.
+        "bench": ["hnswlib==0.8.0", "faiss-cpu==1.15.1"],
     },
     entry_points={"console_scripts": ["catalog-index=catalog_index.cli:main"]},
 )
