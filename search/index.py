@@ -272,6 +272,10 @@ class _Embedder:
             raise VerificationError(f"{path}: not a query encoder with signatures text, image and "
                                     f"text_and_image ({brief(e)})") from None
         self._query_model = model
+        _, kwargs = self._signatures["image"].structured_input_signature
+        for spec in kwargs.values():  # the image size the query encoder was exported for
+            if spec.shape.rank == 4 and spec.shape[1] is not None and spec.shape[2] is not None:
+                self.image_size = (int(spec.shape[1]), int(spec.shape[2]))
 
     def image_input(self, data) -> np.ndarray:
         if not isinstance(data, (bytes, bytearray, memoryview)):

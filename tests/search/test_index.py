@@ -50,6 +50,16 @@ def test_text_query_equals_the_pipelines_vector_of_a_text_only_item(published_v1
         got = s.embed(texts=texts)
         want = np.array([table[i]["embedding"] for i in text_only], np.float32)
         np.testing.assert_allclose(got, want, atol=1e-5)
+        # the other path too: the manifest's encoders and fusion (or the query_encoder, whichever s did not use)
+        other = dict(s.manifest)
+        if other.pop("query_encoder", None) is None:
+            pytest.skip("this pipeline ships no query_encoder: only the encoders' path was checked")
+        from search.index import _Embedder
+
+        both = _Embedder(s.release_dir, other)
+        assert s.embedder()._query_model is not None and both._query_model is None
+        ready = [t.strip() for t in texts]
+        np.testing.assert_allclose(both.vectors(ready, [None] * len(ready)), want, atol=1e-5)
         hits = s.search(texts=texts[:1], k=3)
         assert hits[0][0].item_id == text_only[0] and hits[0][0].score == pytest.approx(1.0, abs=1e-5)
 
