@@ -217,11 +217,15 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide((a * b).sum(axis=1), norms, out=np.zeros(len(a)), where=norms > 0)
 
 
-def _summary(ids, cosines) -> dict:
+def _summary(ids, got=None, want=None) -> dict:
     if len(ids) == 0:
         return {"items": 0}
+    cosines = _cosines(got, want)
     worst = int(np.argmin(cosines))
-    return {"items": len(ids), "min_cosine": float(cosines[worst]), "worst_item": ids[worst]}
+    # Cosine does not see the length: the query vectors must also be unit vectors, like the indexed ones.
+    norm_error = float(np.abs(np.linalg.norm(np.asarray(got, np.float64), axis=1) - 1.0).max())
+    return {"items": len(ids), "min_cosine": float(cosines[worst]), "worst_item": ids[worst],
+            "max_norm_error": norm_error}
 
 
 def measure_parity(encoder: QueryEncoder, fusion, samples) -> dict:
@@ -235,8 +239,8 @@ def measure_parity(encoder: QueryEncoder, fusion, samples) -> dict:
     - image: query ``image`` on the pixels vs the fusion of the stored image vector alone;
     - text_and_image: query ``text_and_image`` vs the stored fused vector, for items with both.
 
-    Returns {"threshold", "text", "image", "text_and_image"}, each modality
-    {"items", "min_cosine", "worst_item"} ({"items": 0} when no sampled item has it).
+    Returns {"threshold", "text", "image", "text_and_image"}, each modality {"items", "min_cosine",
+    "worst_item", "max_norm_error"} ({"items": 0} when no sampled item has it).
     """
     spec = fusion.spec
     texts = [s for s in samples if s.text is not None and s.text_embedding is not None]
@@ -248,23 +252,22 @@ def measure_parity(encoder: QueryEncoder, fusion, samples) -> dict:
         want = fusion(np.stack([s.text_embedding for s in texts]), np.ones(n),
                       np.zeros((n, spec.image_dim)), np.zeros(n))
         got = encoder.encode_text([s.text for s in texts])
-        out[TEXT] = _summary([s.item_id for s in texts], _cosines(got, want))
+        out[TEXT] = _summary([s.item_id for s in texts], got, want)
     else:
-        out[TEXT] = _summary([], [])
+        out[TEXT] = _summary([])
     if images:
         n = len(images)
         want = fusion(np.zeros((n, spec.text_dim)), np.zeros(n),
                       np.stack([s.image_embedding for s in images]), np.ones(n))
         got = encoder.encode_image(np.stack([s.image for s in images]))
-        out[IMAGE] = _summary([s.item_id for s in images], _cosines(got, want))
+        out[IMAGE] = _summary([s.item_id for s in images], got, want)
     else:
-        out[IMAGE] = _summary([], [])
+        out[IMAGE] = _summary([])
     if both:
         got = encoder.encode([s.text for s in both], np.stack([s.image for s in both]))
-        out[TEXT_AND_IMAGE] = _summary([s.item_id for s in both],
-                                       _cosines(got, np.stack([s.embedding for s in both])))
+        out[TEXT_AND_IMAGE] = _summary([s.item_id for s in both], got, np.stack([s.embedding for s in both]))
     else:
-        out[TEXT_AND_IMAGE] = _summary([], [])
+        out[TEXT_AND_IMAGE] = _summary([])
     return out
 
 
@@ -275,4 +278,18 @@ def worst_parity(parity: dict) -> Optional[tuple]:
         return None
     cosine, name = min(measured)
     return name, cosine, parity[name]["worst_item"]
+
+
+def parity_problem(parity: dict) -> Optional[str]:
+    """Why the query encoder may not ship (worst cosine under the threshold, or vectors that are
+    not unit length), or None when it passes."""
+    worst = worst_parity(parity)
+    if worst is not None and worst[1] < parity["threshold"]:
+        name, cosine, item_id = worst
+        return f"worst cosine {cosine:.6f} ({name}, item {item_id!r}), under {parity['threshold']}"
+    for name in SIGNATURES:
+        error = parity[name].get("max_norm_error", 0.0)
+        if error > 1.0 - parity["threshold"]:
+            return f"{name} vectors are not L2-normalised (length off by up to {error:.6f})"
+    return None
 

@@ -174,13 +174,10 @@ def _ship_query_encoder(plan: IndexPlan, samples, model_cache: Optional[str]) ->
         local = qe.export_query_encoder(plan.text_encoder, plan.image_encoder, plan.fusion,
                                         os.path.join(tmp, qe.DIRECTORY), model_cache, tr.MAX_TEXT_CHARS)
         parity = qe.measure_parity(qe.QueryEncoder(local), fus.make_fusion(plan.fusion), samples)
-        worst = qe.worst_parity(parity)
-        if worst is not None and worst[1] < qe.PARITY_THRESHOLD:
-            name, cosine, item_id = worst
-            raise PublicationError(
-                f"the query encoder does not reproduce the pipeline's vectors: worst cosine {cosine:.6f} "
-                f"({name}, item {item_id!r}), under {qe.PARITY_THRESHOLD}. Nothing was published (LATEST was "
-                f"not touched)")
+        problem = qe.parity_problem(parity)
+        if problem is not None:
+            raise PublicationError(f"the query encoder does not reproduce the pipeline's vectors: {problem}. "
+                                   f"Nothing was published (LATEST was not touched)")
         entries = {}
         for root, _, names in os.walk(local):
             for name in names:

@@ -154,10 +154,29 @@ def test_measure_parity_on_pipeline_vectors_and_on_a_broken_encoder(specs, expor
     assert {name: parity[name]["items"] for name in qe.SIGNATURES} == {"text": 3, "image": 3, "text_and_image": 2}
     assert all(parity[name]["min_cosine"] >= 0.99999 for name in qe.SIGNATURES), parity
     assert qe.worst_parity(parity)[1] >= qe.PARITY_THRESHOLD
+    assert all(parity[name]["max_norm_error"] < 1e-5 for name in qe.SIGNATURES)
+    assert qe.parity_problem(parity) is None
     # Vectors from another fusion (another seed) are not what this encoder computes.
     other = fus.ProjectionFusion(fus.FusionSpec(fus.PROJECTION, fusion_spec.text_dim, fusion_spec.image_dim, 40,
                                                 seed=12))
     parity = qe.measure_parity(qe.QueryEncoder(exported), other, samples)
     name, cosine, item_id = qe.worst_parity(parity)
     assert cosine < 0.9 and item_id.startswith("id")
+    assert qe.parity_problem(parity).startswith(f"worst cosine {cosine:.6f} ({name}, item '{item_id}')")
+    # Right directions but not unit vectors: cosine cannot see it, the length check does.
+    encoder = qe.QueryEncoder(exported)
+
+    class Unnormalised:
+        def encode_text(self, texts):
+            return 2 * encoder.encode_text(texts)
+
+        def encode_image(self, images):
+            return encoder.encode_image(images)
+
+        def encode(self, texts, images):
+            return encoder.encode(texts, images)
+
+    parity = qe.measure_parity(Unnormalised(), fusion, samples)
+    assert parity["text"]["min_cosine"] >= 0.99999
+    assert qe.parity_problem(parity) == "text vectors are not L2-normalised (length off by up to 1.000000)"
     assert qe.worst_parity(qe.measure_parity(qe.QueryEncoder(exported), fusion, [])) is None
