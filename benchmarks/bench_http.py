@@ -206,8 +206,12 @@ def sample_setup(workdir):
     return {"source": "sample", "index": os.path.join(sample, "index"), "texts": titles[:100], "images": images[:8]}
 
 
-def start_server(index, port, log_path):
-    cmd = [CLI, "serve", "--index", index, "--host", HOST, "--port", str(port), "--poll-seconds", "3600"]
+class ServerFailed(Exception):
+    pass
+
+
+def start_server(index, port, log_path, prefix):
+    cmd = prefix + ["serve", "--index", index, "--host", HOST, "--port", str(port), "--poll-seconds", "3600"]
     print("$ " + " ".join(cmd), flush=True)
     log = open(log_path, "wb")
     start = time.perf_counter()
@@ -216,7 +220,7 @@ def start_server(index, port, log_path):
         if proc.poll() is not None:
             log.close()
             with open(log_path, encoding="utf-8", errors="replace") as f:
-                sys.exit(f"the server exited with {proc.returncode}:\n{f.read()[-3000:]}")
+                raise ServerFailed(f"the server exited with {proc.returncode}:\n{f.read()[-3000:]}")
         try:
             status, _ = _get(port, "/healthz", timeout=2)
             if status == 200:
@@ -278,7 +282,19 @@ def main(argv=None):
 
     port = _free_port()
     log_path = os.path.join(workdir, "server.log")
-    proc, log, ready_s, serve_cmd = start_server(setup["index"], port, log_path)
+    try:
+        proc, log, ready_s, serve_cmd = start_server(setup["index"], port, log_path, [CLI])
+        workaround = None
+    except ServerFailed as e:
+        import bench_query_quality as bq
+
+        if not bq.missing_text_ops(str(e)):
+            sys.exit(str(e))
+        workaround = [l for l in str(e).splitlines() if "Op type not registered" in l][-1][:600]
+        print(f"the plain command failed, missing tensorflow-text ops:\n  {workaround}\n"
+              "  restarting it with tensorflow_text imported first (reported in the results)", flush=True)
+        port = _free_port()
+        proc, log, ready_s, serve_cmd = start_server(setup["index"], port, log_path, bq.TF_TEXT_CLI)
     print(f"server ready in {ready_s:.1f} s (pid {proc.pid}); RSS {_rss_mib(proc.pid)}", flush=True)
     runs = []
     try:
@@ -332,7 +348,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"date": datetime.date.today().isoformat(), "machine": _measure.machine_facts(),
                        "source": setup["source"], "index": setup["index"], "serve_cmd": serve_cmd,
-                       "version": version, "server_ready_s": round(ready_s, 1), "texts": len(setup["texts"]),
+                       "version": version, "plain_serve_failed": workaround, "server_ready_s": round(ready_s, 1), "texts": len(setup["texts"]),
                        "images": setup["images"], "requests_per_client": args.requests, "repeats": args.repeats,
                        "max_seconds": args.max_seconds, "server_rss_mib_end": final_rss, "summary": summary,
                        "runs": runs}, f, indent=2)

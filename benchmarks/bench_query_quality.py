@@ -48,6 +48,15 @@ import _measure  # noqa: E402
 
 CLI = os.path.join(ROOT, ".venv", "bin", "catalog-index")
 DEFAULT_WORKDIR = os.path.join(HERE, "results", "cache", "query-quality")
+# The console script with tensorflow-text's ops registered first. Used only when the plain command fails
+# with "Op type not registered" (a reader loading a release's query_encoder exported from a built-in text
+# model, whose tokeniser ops live in tensorflow-text, without importing it); the results say so.
+TF_TEXT_CLI = [os.path.join(ROOT, ".venv", "bin", "python"), "-c",
+               "import sys, tensorflow_text; from catalog_index.cli import main; sys.exit(main())"]
+
+
+def missing_text_ops(stderr: str) -> bool:
+    return "Op type not registered" in stderr
 
 
 def write_catalog(rows, path):
@@ -86,18 +95,29 @@ def build_index(workdir, shards, rebuild):
 
 
 def run_query(out, queries_path, k, workdir):
-    cmd = [CLI, "query", "--index", out, "--queries", queries_path, "--k", str(k)]
-    print("$ " + " ".join(cmd), flush=True)
+    """(answers, wall, cmd, workaround): the plain command first; the tensorflow-text shim only if it fails so."""
+    args = ["query", "--index", out, "--queries", queries_path, "--k", str(k)]
     stdout_path = os.path.join(workdir, "query-output.jsonl")
-    start = time.perf_counter()
-    with open(stdout_path, "wb") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, check=False)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"catalog-index query failed (exit {proc.returncode}):\n{proc.stderr.decode()[-3000:]}")
+    workaround = None
+    for attempt, prefix in enumerate(([CLI], TF_TEXT_CLI)):
+        cmd = prefix + args
+        print("$ " + " ".join(cmd), flush=True)
+        start = time.perf_counter()
+        with open(stdout_path, "wb") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, check=False)
+        wall = time.perf_counter() - start
+        stderr = proc.stderr.decode("utf-8", "replace")
+        if proc.returncode == 0:
+            break
+        if attempt == 0 and missing_text_ops(stderr):
+            workaround = stderr.strip().splitlines()[-1][:600]
+            print(f"the plain command failed, missing tensorflow-text ops:\n  {workaround}\n"
+                  "  rerunning with tensorflow_text imported first (reported in the results)", flush=True)
+            continue
+        sys.exit(f"catalog-index query failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     with open(stdout_path, encoding="utf-8") as f:
         answers = [json.loads(line) for line in f if line.strip()]
-    return answers, wall, cmd
+    return answers, wall, cmd, workaround
 
 
 def release_vectors(searcher):
@@ -145,13 +165,15 @@ def main(argv=None):
         for q in queries:
             f.write(json.dumps(q) + "\n")
 
-    answers, query_wall, query_cmd = run_query(out, queries_path, args.k, args.workdir)
+    answers, query_wall, query_cmd, workaround = run_query(out, queries_path, args.k, args.workdir)
     item_label = {r["item_id"]: (r["fine"], r["coarse"]) for r in train}
 
     # Brute force over the same release: its fused vectors, the same query embedding code.
     from search import ann
     from search.index import open_index
 
+    if workaround:
+        import tensorflow_text  # noqa: F401  (the same workaround in this process)
     searcher = open_index(out)
     ids, matrix = release_vectors(searcher)
     texts = [q.get("text") for q in queries]
@@ -185,6 +207,7 @@ def main(argv=None):
                     "encoders": {k: v for k, v in (searcher.manifest.get("encoders") or {}).items()}},
         "default_search_k": searcher.default_search_k,
         "query_cmd": query_cmd,
+        "plain_query_failed": workaround,
         "query_wall_s": round(query_wall, 1),
         "queries": len(queries),
     }
@@ -219,6 +242,48 @@ def main(argv=None):
         print(f"{name:8s} {n:4d} {n_err:6d} {row['ann_p1_fine']:9.3f} {row['exact_p1_fine']:10.3f} "
               f"{row['diff_fine_points']:+7.1f} {row['ann_p1_coarse']:10.3f} {row['exact_p1_coarse']:12.3f} "
               f"{row['diff_coarse_points']:+7.1f} {row['top1_agreement']:10.3f}")
+    # The same vectors through the library at other search_k (in this process): what the default leaves.
+    def p_at_1(hits_by_query, qids):
+        fine = coarse = agree = 0
+        for qid in qids:
+            hits = hits_by_query[position[qid]]
+            first = hits[0].item_id if hits else None
+            got = item_label.get(first, (None, None))
+            fine += got[0] == labels[qid][0]
+            coarse += got[1] == labels[qid][1]
+            agree += first == exact[position[qid]][0][0]
+        return fine / len(qids), coarse / len(qids), agree / len(qids)
+
+    good = [i for i, e in enumerate(errors) if e is None]
+    ladder, ks = [], [searcher.default_search_k]
+    while ks[-1] > 0 and ks[-1] < 2 * len(ids) * 10:
+        ks.append(ks[-1] * 2)
+    ks.append(-1)
+    print(f"\n{'search_k':>8s} {'photos fine':>11s} {'coarse':>7s} {'agree':>6s} {'names fine':>10s} {'coarse':>7s} "
+          f"{'agree':>6s} {'ms/query':>8s}")
+    for search_k in ks:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            found = searcher.search(vectors=vectors[good], k=args.k, search_k=search_k)
+            times.append(time.perf_counter() - t0)
+        hits_by_query = [None] * len(queries)
+        for i, hits in zip(good, found):
+            hits_by_query[i] = hits
+        row = {"search_k": search_k, "ms_per_query": 1000 * _measure.median(times) / len(good)}
+        for name, qids in groups.items():
+            row[name + "_p1_fine"], row[name + "_p1_coarse"], row[name + "_top1_agreement"] = p_at_1(hits_by_query, qids)
+        ladder.append(row)
+        print(f"{search_k:8d} {row['photos_p1_fine']:11.3f} {row['photos_p1_coarse']:7.3f} "
+              f"{row['photos_top1_agreement']:6.3f} {row['names_p1_fine']:10.3f} {row['names_p1_coarse']:7.3f} "
+              f"{row['names_top1_agreement']:6.3f} {row['ms_per_query']:8.2f}")
+    results["search_k_ladder"] = ladder
+    # How far the queries are from their nearest item (the recall gate searches items by their own vectors).
+    for name, qids in groups.items():
+        cos = [exact[position[q]][0][1] for q in qids]
+        results[name]["exact_top1_cosine_median"] = float(np.median(cos))
+    print(f"median cosine of the exact first result: photos {results['photos']['exact_top1_cosine_median']:.3f}, "
+          f"names {results['names']['exact_top1_cosine_median']:.3f} (the recall gate's self-queries: 1.0)")
     print(f"default search_k {searcher.default_search_k}; validation {searcher.manifest.get('validation')}")
     print(f"catalog-index query: {len(queries)} queries in {query_wall:.1f} s (start-up included)")
     searcher.close()
