@@ -166,7 +166,8 @@ def export_query_encoder(text_spec: enc.EncoderSpec, image_spec: enc.EncoderSpec
     return export_dir
 
 
-def _load_saved_model(path: str):
+def load_saved_model(path: str):
+    """tf.saved_model.load, registering tensorflow-text's ops first when the model needs them."""
     tf = _tf()
     try:
         return tf.saved_model.load(path)
@@ -182,7 +183,7 @@ class QueryEncoder:
 
     def __init__(self, path: str):
         try:
-            self._model = _load_saved_model(path)
+            self._model = load_saved_model(path)
             self._signatures = {name: self._model.signatures[name] for name in SIGNATURES}
         except Exception as e:
             raise EncoderError(f"cannot load the query encoder {path!r}: {brief(e)}") from e

@@ -263,10 +263,10 @@ class _Embedder:
             self._fusion = fus.make_fusion(fus.FusionSpec.from_json(manifest["fusion"]))
 
     def _load_query_encoder(self, path: str):
-        import tensorflow as tf
+        from embedding.query_encoder import load_saved_model
 
         try:
-            model = tf.saved_model.load(path)
+            model = load_saved_model(path)  # one loader: it registers tensorflow-text's ops when needed
             self._signatures = {name: model.signatures[name] for name in set(QUERY_SIGNATURES.values())}
         except Exception as e:
             raise VerificationError(f"{path}: not a query encoder with signatures text, image and "

@@ -54,6 +54,19 @@ def test_defaults_are_the_builtin_encoders(tmp_path, builtin_cache):
     assert m["encoders"]["text"]["chosen_by"]["rule"] == "auto"
     assert "English-dominant" in m["encoders"]["text"]["chosen_by"]["reason"]
 
+    # The release's query encoder holds the built-in MiniLM (tensorflow-text ops in its graph): a fresh
+    # `catalog-index query` process must load it and find the item by meaning.
+    import json
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "catalog-index")
+    done = subprocess.run([exe, "query", "--index", str(tmp_path / "out"), "--text", "a bottle of apple juice",
+                           "--k", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = [r["item_id"] for r in json.loads(done.stdout.strip().splitlines()[-1])["results"]]
+    assert set(found) == {"text-only", "apple-juice"}
+
 
 def _write_catalog(tmp_path, titles):
     rows = [{"item_id": item_id, "title": title, "description": None, "image_uri": None}
