@@ -338,7 +338,7 @@ class IndexRunResult:
         )
 
 
-def _finish_existing(plan: IndexPlan, opts: IndexOptions, owner: lease.Lease) -> Optional[tuple]:
+def _finish_existing(plan: IndexPlan, owner: lease.Lease) -> Optional[tuple]:
     """A rerun of a version that is already published, or whose release is complete but not yet
     named (a run killed between its manifest and its pointers): finish it instead of redoing it.
 
@@ -421,7 +421,7 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
     owner = lease.Lease(plan.output, plan.run_id, plan.version, seconds=opts.lease_seconds).acquire()
     try:
         owner.start_heartbeat()
-        finished = _finish_existing(plan, opts, owner)
+        finished = _finish_existing(plan, owner)
         if finished is not None:
             manifest, outcome, note = finished
             return IndexRunResult(plan, manifest, time.perf_counter() - start, None,

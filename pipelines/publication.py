@@ -65,9 +65,7 @@ def read_pointer(path: str) -> Tuple[Optional[layout.Pointer], object]:
 def resolve(output: str, version: Optional[str] = None) -> layout.Pointer:
     """The release a reader should load: LATEST's, or ``version``'s CURRENT."""
     output = output.rstrip("/")
-    path = files.join(output, version, layout.CURRENT_FILE) if version else files.join(output, layout.LATEST_FILE)
-    if version:
-        layout.check_version_name(version)
+    path = files.join(output, *layout.pointer_file(version).split("/"))
     pointer, _ = read_pointer(path)
     if pointer is None:
         what = f"version {version!r} is not published" if version else "nothing is published yet (no LATEST)"

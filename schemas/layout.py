@@ -73,6 +73,11 @@ def is_release_id(name: str) -> bool:
     return bool(_RELEASE_RE.fullmatch(name))
 
 
+def pointer_file(version: Optional[str] = None) -> str:
+    """The pointer a reader follows, relative to the output root: LATEST, or ``<version>/CURRENT``."""
+    return LATEST_FILE if version is None else f"{check_version_name(version)}/{CURRENT_FILE}"
+
+
 def release_path(version: str, release: str) -> str:
     """Path of a release folder relative to the output root."""
     return f"{version}/{release}"

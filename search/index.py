@@ -102,11 +102,7 @@ def _read(path: str) -> Optional[bytes]:
 
 def read_pointer(root: str, version: Optional[str] = None) -> layout.Pointer:
     """The pointer LATEST (or ``<version>/CURRENT``) holds; VerificationError when absent or malformed."""
-    if version is not None:
-        layout.check_version_name(version)
-        path = _join(root, version, layout.CURRENT_FILE)
-    else:
-        path = _join(root, layout.LATEST_FILE)
+    path = _join(root, *layout.pointer_file(version).split("/"))
     data = _read(path)
     if data is None:
         what = f"version {version!r} is not published" if version else "nothing is published there"

@@ -56,3 +56,10 @@ def test_snapshot_times():
     assert layout.date_snapshot("2026-11-01") == "2026-11-01T00:00:00Z"
     with pytest.raises(ConfigError, match="--snapshot-time"):
         layout.parse_time("yesterday")
+
+
+def test_pointer_file_is_latest_or_the_versions_current():
+    assert layout.pointer_file() == "LATEST"
+    assert layout.pointer_file("v1") == "v1/CURRENT"
+    with pytest.raises(ConfigError):
+        layout.pointer_file("../x")
