@@ -716,29 +716,11 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def decode_image(
-    data: bytes,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    uri: str | None = None,
-    *,
-    min_size: tuple[int, int] | None = None,
-) -> Image.Image:
-    """Decodes JPEG, PNG, GIF, BMP or WebP bytes into an upright RGB image.
+FORMAT_NAMES = ", ".join(_FORMATS)
 
-    The canvas size declared in the header is checked against ``max_pixels``
-    before any pixel is decoded. EXIF orientation is applied; animated GIF or
-    WebP yield their first frame. ``uri`` only names the image in errors.
 
-    ``min_size`` (height, width), when given, lets a JPEG be decoded at 1/2,
-    1/4 or 1/8 scale (DCT scaling, much faster on big photos) as long as
-    both sides stay at least max(min_size); load_image passes its target size.
-
-    Raises ImageTooLargeError over ``max_pixels``, ImageDecodeError otherwise.
-    """
-    _check_positive("max_pixels", max_pixels)
-    if min_size is not None:
-        _check_size(min_size)
-    where = _named(uri)
+def _open_checked(data: bytes, max_pixels: int, where: str) -> Image.Image:
+    """Image.open (the header only) with the canvas checked against ``max_pixels``; nothing decoded yet."""
     if not data:
         raise ImageDecodeError(f"image{where} is empty (0 bytes)")
 
@@ -766,6 +748,42 @@ def decode_image(
             f"image{where} is {width}x{height} = {width * height} pixels, "
             f"over the {max_pixels}-pixel limit"
         )
+    return img
+
+
+def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, uri: str | None = None) -> tuple[int, int]:
+    """(width, height) of JPEG, PNG, GIF, BMP or WebP bytes, from the header alone: what a service checks
+    on an upload before any pixel is decoded. Raises ImageTooLargeError over ``max_pixels``,
+    ImageDecodeError for anything that is not such an image, exactly as decode_image would."""
+    _check_positive("max_pixels", max_pixels)
+    with _open_checked(data, max_pixels, _named(uri)) as img:
+        return img.size
+
+
+def decode_image(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    uri: str | None = None,
+    *,
+    min_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decodes JPEG, PNG, GIF, BMP or WebP bytes into an upright RGB image.
+
+    The canvas size declared in the header is checked against ``max_pixels``
+    before any pixel is decoded. EXIF orientation is applied; animated GIF or
+    WebP yield their first frame. ``uri`` only names the image in errors.
+
+    ``min_size`` (height, width), when given, lets a JPEG be decoded at 1/2,
+    1/4 or 1/8 scale (DCT scaling, much faster on big photos) as long as
+    both sides stay at least max(min_size); load_image passes its target size.
+
+    Raises ImageTooLargeError over ``max_pixels``, ImageDecodeError otherwise.
+    """
+    _check_positive("max_pixels", max_pixels)
+    if min_size is not None:
+        _check_size(min_size)
+    where = _named(uri)
+    img = _open_checked(data, max_pixels, where)
 
     try:
         if min_size is not None:

@@ -23,6 +23,7 @@ publishes another release of the same version and switches the pointers to it.
 import datetime
 import hashlib
 import json
+import os
 import re
 import uuid
 from typing import NamedTuple, Optional
@@ -112,6 +113,13 @@ def shard_paths(index: int, num_shards: int) -> dict:
 
 
 # --------------------------------------------------------------------------- snapshot times
+
+
+def user_cache_dir(*parts: str) -> str:
+    """The tool's local cache on this machine ($XDG_CACHE_HOME or ~/.cache, then catalog-index/...):
+    built-in models under ``models``, local copies of remote releases under ``releases``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "catalog-index", *parts)
 
 
 def format_time(moment: datetime.datetime) -> str:

@@ -6,6 +6,9 @@ this package without the batch machinery. tests/test_layers.py enforces it.
 """
 
 from search.ann import ShardSet, exact_search
-from search.index import Hit, QueryError, Searcher, Watcher, open_index, read_pointer
+from search.embedder import QueryError
+from search.index import Hit, Searcher, open_index
+from search.release import read_pointer
+from search.watcher import Watcher
 
 __all__ = ["Hit", "QueryError", "Searcher", "ShardSet", "Watcher", "exact_search", "open_index", "read_pointer"]

@@ -49,7 +49,7 @@ class ShardSet:
     ``shard_paths[i]`` is a local Annoy file, ``id_maps[i][annoy_id]`` its
     item ids, ``titles[i][annoy_id]`` (optional) their titles. Empty shards
     are allowed. Thread-safe for concurrent ``search`` calls; ``close`` must
-    not race with them (the caller counts its readers: search.index.Watcher).
+    not race with them (the caller counts its readers: search.watcher.Watcher).
     """
 
     def __init__(self, shard_paths: list, dim: int, id_maps: list, titles: Optional[list] = None,

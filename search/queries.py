@@ -69,7 +69,7 @@ def _answer_batch(searcher, batch, k, search_k):
         good = [j for j, e in enumerate(errors) if e is None]
         for j, error in enumerate(errors):
             if error is not None:
-                out[live[j]]["error"] = error
+                out[live[j]]["error"] = str(error)
         if good:
             found = searcher.search(vectors=vectors[good], k=k, search_k=search_k)
             for j, hits in zip(good, found):

@@ -17,7 +17,8 @@ on the event loop. Every bad request is a 4xx with ``{"error": "..."}``:
 
 Metrics (``GET /metrics``, Prometheus text): requests by endpoint, method and
 status, a latency histogram by endpoint, client and server errors, and the
-loaded version as a labelled gauge.
+loaded version as a labelled gauge. With ``--workers N`` the workers share one set of metrics
+through prometheus_client's multiprocess mode, so any worker's scrape counts every request.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import io
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -137,6 +139,13 @@ def _doc(*codes):
 # --------------------------------------------------------------------------- metrics
 
 
+def _version_of(watcher):
+    try:
+        return watcher.current()
+    except Exception:  # pylint: disable=broad-except - nothing loaded: no sample, the scrape still works
+        return None
+
+
 class _VersionCollector:
     """The loaded version as a labelled gauge, read from the watcher at scrape time (never stale)."""
 
@@ -147,10 +156,7 @@ class _VersionCollector:
         gauge = GaugeMetricFamily("catalog_index_loaded_version", "the index version and release being served "
                                   "(value 1)", labels=["version", "release"])
         items = GaugeMetricFamily("catalog_index_loaded_items", "items indexed in the version being served")
-        try:
-            searcher = self.watcher.current()
-        except Exception:  # pylint: disable=broad-except - nothing loaded: no sample, the scrape still works
-            searcher = None
+        searcher = _version_of(self.watcher)
         if searcher is not None:
             gauge.add_metric([str(searcher.version), str(searcher.release)], 1)
             indexed = (searcher.manifest or {}).get("counts", {}).get("indexed")
@@ -160,17 +166,57 @@ class _VersionCollector:
         yield items
 
 
+def _multiprocess() -> bool:
+    """Whether the server runs as several processes (--workers N) that share their metrics through files."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
 class _Metrics:
+    """The service's Prometheus metrics.
+
+    One process: a private registry, the loaded version read at scrape time. ``--workers N``: every
+    worker writes its counts to files in $PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess
+    mode) and a scrape, whichever worker answers it, adds up all of them; the loaded version is then a
+    gauge per worker process (label ``pid``), set whenever that worker answers a request.
+    """
+
     def __init__(self, watcher):
+        from prometheus_client import Gauge, multiprocess
+
+        self.watcher = watcher
         self.registry = CollectorRegistry(auto_describe=True)
+        # In multiprocess mode the values live in files; the metrics are registered nowhere and the
+        # scrape registry reads the files instead (registering both would count each sample twice).
+        own = None if _multiprocess() else self.registry
         self.requests = Counter("catalog_index_http_requests", "HTTP requests by endpoint, method and status",
-                                ["endpoint", "method", "status"], registry=self.registry)
+                                ["endpoint", "method", "status"], registry=own)
         self.latency = Histogram("catalog_index_http_request_duration_seconds",
                                  "time from request to the end of the response, by endpoint",
-                                 ["endpoint", "method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+                                 ["endpoint", "method"], buckets=_LATENCY_BUCKETS, registry=own)
         self.errors = Counter("catalog_index_http_errors", "error responses: kind=client (4xx) or server (5xx "
-                              "and unhandled exceptions)", ["endpoint", "kind"], registry=self.registry)
-        self.registry.register(_VersionCollector(watcher))
+                              "and unhandled exceptions)", ["endpoint", "kind"], registry=own)
+        self.version_gauge = None
+        self._shown = None
+        if _multiprocess():
+            multiprocess.MultiProcessCollector(self.registry)
+            self.version_gauge = Gauge("catalog_index_loaded_version", "the index version and release each "
+                                       "worker process serves (value 1)", ["version", "release"], registry=None,
+                                       multiprocess_mode="liveall")
+            self.note_version()
+        else:
+            self.registry.register(_VersionCollector(watcher))
+
+    def note_version(self):
+        """Multiprocess mode: this worker's loaded version in its gauge (the previous one set to 0)."""
+        searcher = _version_of(self.watcher)
+        shown = None if searcher is None else (str(searcher.version), str(searcher.release))
+        if self.version_gauge is None or shown == self._shown:
+            return
+        if self._shown is not None:
+            self.version_gauge.labels(*self._shown).set(0)
+        if shown is not None:
+            self.version_gauge.labels(*shown).set(1)
+        self._shown = shown
 
     def observe(self, endpoint, method, status, seconds):
         self.requests.labels(endpoint, method, str(status)).inc()
@@ -179,6 +225,7 @@ class _Metrics:
             self.errors.labels(endpoint, "server").inc()
         elif status >= 400:
             self.errors.labels(endpoint, "client").inc()
+        self.note_version()
 
 
 class _MetricsMiddleware:
@@ -284,9 +331,7 @@ def _error(status, message):
 
 
 def _check_image(data: bytes, max_pixels: int) -> None:
-    """Size, format and declared canvas from the header only, before anything is decoded."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Size, format and declared canvas from the header only (the pipeline's own check), before decoding."""
     from embedding import images
 
     if len(data) > MAX_UPLOAD_BYTES:
@@ -294,19 +339,22 @@ def _check_image(data: bytes, max_pixels: int) -> None:
     if not data:
         raise HTTPException(415, f"the upload is empty, not a {_IMAGE_FORMATS} image")
     try:
-        # Image.open parses the header only; the same formats as the pipeline's decoder.
-        with Image.open(io.BytesIO(data), formats=list(images._FORMATS)) as img:  # pylint: disable=protected-access
-            width, height = img.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise HTTPException(413, f"image is over the {max_pixels}-pixel limit") from None
-    except UnidentifiedImageError:
-        raise HTTPException(415, f"the upload is not a {_IMAGE_FORMATS} image") from None
-    except images._DECODE_ERRORS as exc:  # pylint: disable=protected-access
-        raise HTTPException(415, f"the upload is not a readable {_IMAGE_FORMATS} image ({type(exc).__name__})") \
-            from None
-    if width * height > max_pixels:
-        raise HTTPException(413, f"image is {width}x{height} = {width * height} pixels, over this index's "
-                                 f"{max_pixels}-pixel limit")
+        images.check_image(data, max_pixels)
+    except images.ImageTooLargeError as exc:
+        raise HTTPException(413, f"{exc} of this index") from None
+    except images.ImageDecodeError as exc:
+        raise HTTPException(415, f"the upload is not a readable {_IMAGE_FORMATS} image ({exc})") from None
+
+
+def _status_of(exc) -> int:
+    """The HTTP status of a query that could not be embedded, by the kind of error (never its wording)."""
+    from embedding import images
+
+    if isinstance(exc, images.ImageTooLargeError):
+        return 413
+    if isinstance(exc, images.ImageDecodeError):
+        return 415
+    return 422
 
 
 def _max_pixels(searcher) -> int:
@@ -416,9 +464,7 @@ def create_app(watcher, *, search_threads: Optional[int] = None) -> FastAPI:
             from schemas.errors import DataError
 
             if isinstance(exc, DataError):  # the query could not be embedded (an image truncated past its header)
-                text = str(exc)
-                status = 415 if "decode" in text or "not a readable" in text else 413 if "too large" in text else 422
-                raise HTTPException(status, text) from None
+                raise HTTPException(_status_of(exc), str(exc)) from None
             raise
         return {"version": searcher.version, "release": searcher.release,
                 "results": [{"item_id": h.item_id, "score": float(h.score), "shard": int(h.shard),
@@ -490,6 +536,7 @@ def create_app(watcher, *, search_threads: Optional[int] = None) -> FastAPI:
 # --------------------------------------------------------------------------- the command
 
 _CONFIG_ENV = "CATALOG_INDEX_SERVE_CONFIG"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 DESCRIPTION = ("Serve searches over a published index over HTTP (FastAPI on uvicorn), following LATEST. "
@@ -577,7 +624,18 @@ def serve(argv, parser=None) -> int:
     getattr(watcher, "close", watcher.stop)()
     del watcher, searcher
     os.environ[_CONFIG_ENV] = json.dumps(config)
-    uvicorn.run(f"{__name__}:_worker_app", factory=True, workers=args.workers, **common)
+    # One set of metrics for all the workers: each writes its own files here, a scrape adds them up.
+    # Set before the workers start: prometheus_client picks its storage when a process imports it.
+    metrics_dir = None
+    if not os.environ.get(MULTIPROC_ENV):
+        metrics_dir = tempfile.mkdtemp(prefix="catalog-index-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        uvicorn.run(f"{__name__}:_worker_app", factory=True, workers=args.workers, **common)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop(MULTIPROC_ENV, None)
     return 0
 
 

@@ -87,8 +87,9 @@ def cache_dir(override: Optional[str] = None) -> str:
         return override
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "catalog-index", "models")
+    from schemas.layout import user_cache_dir
+
+    return user_cache_dir("models")
 
 
 def model_path(handle: str, cache: Optional[str] = None) -> str:

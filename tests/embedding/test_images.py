@@ -655,3 +655,16 @@ def test_decoding_leaves_pillow_globals_alone():
         with pytest.raises(ImageError):
             decode_image(bad)
     assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before
+
+
+def test_check_image_reads_the_header_only_with_decode_images_rules():
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20)).save(buf, "PNG")
+    data = buf.getvalue()
+    assert images.check_image(data) == (30, 20)
+    assert images.check_image(data[:60], max_pixels=600) == (30, 20)  # truncated pixels: the header is enough
+    with pytest.raises(images.ImageTooLargeError, match="30x20 = 600 pixels, over the 599-pixel limit"):
+        images.check_image(data, max_pixels=599)
+    for junk in (b"", b"GIF89a not really", b"%PDF-1.4"):
+        with pytest.raises(images.ImageDecodeError):
+            images.check_image(junk)

@@ -1,6 +1,6 @@
 """open_index on real published versions: verification first, self-hits, query vectors equal the pipeline's."""
 
-import json
+import io
 import logging
 import os
 import shutil
@@ -9,7 +9,9 @@ import threading
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
+from embedding.images import ImageDecodeError, ImageTooLargeError
 from schemas.errors import VerificationError
 from search import Hit, QueryError, Watcher, exact_search, open_index
 from tests.search.conftest import flip_byte, publish, shard_file
@@ -54,9 +56,9 @@ def test_text_query_equals_the_pipelines_vector_of_a_text_only_item(published_v1
         other = dict(s.manifest)
         if other.pop("query_encoder", None) is None:
             pytest.skip("this pipeline ships no query_encoder: only the encoders' path was checked")
-        from search.index import _Embedder
+        from search.embedder import QueryEmbedder
 
-        both = _Embedder(s.release_dir, other)
+        both = QueryEmbedder(s.release_dir, other)
         assert s.embedder()._query_model is not None and both._query_model is None
         ready = [t.strip() for t in texts]
         np.testing.assert_allclose(both.vectors(ready, [None] * len(ready)), want, atol=1e-5)
@@ -85,11 +87,18 @@ def test_image_query_equals_the_pipelines_vector_of_an_image_only_item(published
 def test_bad_queries_are_reported_one_by_one(published_v1):
     with open_index(published_v1) as s:
         vectors, errors = s.embed_each(texts=["red shoe", "   ", None, "blue"], images=[None, None, None, b"junk"])
-        assert errors[0] is None and "empty text" in errors[1] and "no text and no image" in errors[2]
-        assert "not a readable" in errors[3]
+        assert errors[0] is None and "empty text" in str(errors[1]) and "no text and no image" in str(errors[2])
+        assert isinstance(errors[1], QueryError) and isinstance(errors[3], ImageDecodeError)
+        assert "not a readable" in str(errors[3])
         assert np.linalg.norm(vectors[0]) == pytest.approx(1.0, abs=1e-5) and not vectors[1:].any()
         with pytest.raises(QueryError, match="query 1"):
             s.embed(texts=["ok", ""])
+        # an image over the index's pixel limit keeps its kind (a service maps it to 413, not 422)
+        s.embedder().max_pixels = 100
+        buf = io.BytesIO()
+        Image.new("RGB", (11, 10)).save(buf, "PNG")
+        with pytest.raises(ImageTooLargeError, match="query 0: image is 11x10 = 110 pixels"):
+            s.embed(images=[buf.getvalue()])
 
 
 def test_a_damaged_shard_is_named_before_anything_loads(v1_root):
@@ -102,7 +111,7 @@ def test_a_damaged_shard_is_named_before_anything_loads(v1_root):
 
 
 def test_a_gs_root_is_copied_to_the_cache_and_verified_there(v1_root, tmp_path, monkeypatch):
-    import search.index as si
+    import search.release as si
 
     class FakeGfile:  # gs://bucket/... is v1_root on disk
         @staticmethod
@@ -191,7 +200,7 @@ def test_watcher_swaps_under_load_and_refuses_a_damaged_release(published_v1, pu
     shutil.copytree(bad / "v3", os.path.join(root, "v3"))
     shutil.copyfile(bad / "LATEST", os.path.join(root, "LATEST"))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="search.index"):
+    with caplog.at_level(logging.WARNING, logger="search.watcher"):
         assert not watcher.check_now()
         assert not watcher.check_now()  # the same bad release is not re-verified nor logged again
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]

@@ -527,7 +527,7 @@ def test_a_real_published_version_served_through_the_real_watcher(published_v1, 
             # LATEST moved to a release whose shard no longer matches its manifest: refused, v2 serves on
             time.sleep(0.3)  # past the grace period: v1's searcher is closed before its file changes
             flip_byte(shard_file(root, "v1"))
-            with caplog.at_level(logging.WARNING, logger="search.index"):
+            with caplog.at_level(logging.WARNING, logger="search.watcher"):
                 _write_latest(root, v1_latest)
                 deadline = time.monotonic() + 30
                 while not any("refused" in r.getMessage() for r in caplog.records):
@@ -538,3 +538,70 @@ def test_a_real_published_version_served_through_the_real_watcher(published_v1, 
             assert client.get("/search?q=coffee&k=2")[1]["version"] == "v2"
     finally:
         watcher.close()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_workers_share_one_set_of_metrics(published_v1, tmp_path):
+    """`serve --workers 2` (real processes): whichever worker answers a scrape, it reports the requests
+    all workers served, and each live worker's loaded version (per-process registries would show a part)."""
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "catalog-index")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != service.MULTIPROC_ENV}
+    proc = subprocess.Popen([exe, "serve", "--index", published_v1, "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=str(tmp_path))
+    client = Client("127.0.0.1", port)
+    answered = 0
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "serve --workers 2 never answered"
+            try:
+                client.get("/healthz")
+                answered += 1
+                break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(5)  # the second worker loads its own index
+        for _ in range(40):  # a connection each: the kernel spreads them over both workers
+            assert client.get("/healthz")[0] == 200
+            answered += 1
+        for _ in range(4):
+            m = metrics(client)
+            served = sum(v for labels, v in m["catalog_index_http_requests_total"].items()
+                         if dict(labels)["endpoint"] == "/healthz")
+            assert served == answered, m["catalog_index_http_requests_total"]
+            loaded = m["catalog_index_loaded_version"]
+            assert loaded and all(dict(labels)["version"] == "v1" and value == 1 for labels, value in loaded.items())
+            assert {dict(labels)["pid"] for labels in loaded} <= {str(p) for p in _children(proc.pid)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def _children(pid):
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
