@@ -8,7 +8,7 @@ setup(
     description="Batch pipelines that turn an e-commerce catalog into sharded multimodal Annoy indexes.",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["catalog_index", "catalog_index.*", "pipelines", "pipelines.*", "embedding",
-                                    "embedding.*", "schemas", "schemas.*", "search", "search.*"]),
+                                    "embedding.*", "schemas", "schemas.*", "search", "search.*", "training", "training.*"]),
     package_data={"schemas": ["*.json"]},
     install_requires=[
         "apache-beam[gcp]>=2.77,<2.78",

@@ -13,8 +13,9 @@ ALLOWED = {
     "schemas": {"schemas"},
     "embedding": {"schemas", "embedding"},
     "search": {"schemas", "embedding", "search"},
-    "pipelines": {"schemas", "embedding", "search", "pipelines"},
-    "catalog_index": {"schemas", "embedding", "search", "pipelines", "catalog_index"},
+    "training": {"schemas", "embedding", "training"},
+    "pipelines": {"schemas", "embedding", "search", "training", "pipelines"},
+    "catalog_index": {"schemas", "embedding", "search", "training", "pipelines", "catalog_index"},
 }
 CORE = ["schemas.errors", "schemas.layout", "schemas.manifest", "schemas.verification", "schemas.catalog",
         "schemas.rejected", "schemas.embeddings", "embedding.encoders", "embedding.fusion", "embedding.images",
