@@ -29,7 +29,7 @@ versions stop being comparable; a fitted reduction can still come in as a
 """
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -80,6 +80,10 @@ class FusionSpec:
     seed: int = 0
     path: Optional[str] = None
     fingerprint: Optional[str] = None
+    # A trained models version brings a query tower (the same interface) that embeds queries instead.
+    query_path: Optional[str] = None
+    query_fingerprint: Optional[str] = None
+    models_version: Optional[str] = None
 
     def to_json(self) -> dict:
         out = {"kind": self.kind, "text_dim": self.text_dim, "image_dim": self.image_dim, "dim": self.dim}
@@ -87,7 +91,18 @@ class FusionSpec:
             out.update(text_weight=self.text_weight, image_weight=self.image_weight, seed=self.seed)
         else:
             out.update(path=self.path, fingerprint=self.fingerprint)
+            if self.query_path is not None:
+                out.update(query_path=self.query_path, query_fingerprint=self.query_fingerprint)
+            if self.models_version is not None:
+                out.update(models_version=self.models_version)
         return out
+
+    def query_spec(self) -> "FusionSpec":
+        """The fusion that embeds queries: the query tower when there is one, else this fusion itself."""
+        if self.query_path is None:
+            return self
+        return FusionSpec(SAVED_MODEL, self.text_dim, self.image_dim, self.dim, path=self.query_path,
+                          fingerprint=self.query_fingerprint)
 
     @classmethod
     def from_json(cls, data: dict) -> "FusionSpec":
@@ -145,19 +160,127 @@ def make_fusion(spec: FusionSpec):
     return ProjectionFusion(spec) if spec.kind == PROJECTION else SavedModelFusion(spec)
 
 
+class FusionModel(NamedTuple):
+    """What ``--fusion-model`` named, resolved: the item tower, the query tower if any, training.json if any."""
+
+    fusion_path: str
+    query_path: Optional[str] = None
+    training: Optional[dict] = None
+    models_version: Optional[str] = None
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _read_bytes(path: str) -> bytes:
+    with _gfile().GFile(path, "rb") as f:
+        return f.read()
+
+
+def _check_models_version(version_dir: str, expected_sha256: Optional[str] = None) -> dict:
+    """training.json of a models version, checked: its own sha256 against the pointer's and the size and
+    sha256 of every file it lists (a half-copied or edited version is refused, never half-used)."""
+    import hashlib
+    import json
+
+    from schemas import layout
+
+    path = _join(version_dir, layout.TRAINING_FILE)
+    try:
+        raw = _read_bytes(path)
+        training = json.loads(raw)
+        files = training["files"]
+    except Exception as e:  # pylint: disable=broad-except
+        raise EncoderError(f"--fusion-model {version_dir!r}: {path} is missing or unreadable ({brief(e)}); "
+                           f"pass a models directory, one of its versions or a fusion SavedModel") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise EncoderError(f"--fusion-model: {path} does not match the checksum LATEST gives for it")
+    for rel, facts in sorted(files.items()):
+        target = _join(version_dir, rel)
+        try:
+            data = _read_bytes(target)
+        except Exception as e:  # pylint: disable=broad-except
+            raise EncoderError(f"--fusion-model: {target} is missing ({brief(e)})") from None
+        if len(data) != facts["size"] or hashlib.sha256(data).hexdigest() != facts["sha256"]:
+            raise EncoderError(f"--fusion-model: {target} does not match its size and sha256 in {path}")
+    return training
+
+
+def resolve_fusion_model(path: str) -> FusionModel:
+    """``--fusion-model``: a models directory (its LATEST), one models version, or a bare fusion SavedModel."""
+    from schemas import layout
+
+    fs = _gfile()
+    root = path[len("file://"):] if path.startswith("file://") else path
+    latest = _join(root, layout.LATEST_FILE)
+    version_dir, expected = root, None
+    if fs.exists(latest):
+        pointer = layout.ModelsPointer.loads(_read_bytes(latest), where=latest)
+        version_dir, expected = _join(root, pointer.version), pointer.training_sha256
+    elif not fs.exists(_join(root, layout.TRAINING_FILE)):
+        if fs.exists(_join(root, layout.MODELS_FUSION_DIR)) and not fs.exists(_join(root, "saved_model.pb")):
+            raise EncoderError(f"--fusion-model {path!r} has a {layout.MODELS_FUSION_DIR}/ folder but no "
+                               f"{layout.TRAINING_FILE}: an unfinished models version; pick a finished one")
+        return FusionModel(root)
+    training = _check_models_version(version_dir, expected)
+    query = _join(version_dir, layout.MODELS_QUERY_DIR)
+    return FusionModel(_join(version_dir, layout.MODELS_FUSION_DIR), query if fs.exists(query) else None,
+                       training, training.get("version"))
+
+
+def check_trained_against(model: FusionModel, encoders: dict) -> None:
+    """Refuses a models version trained against other encoders than the run's (``encoders``: kind -> EncoderSpec)."""
+    if model.training is None:
+        return
+    trained = model.training.get("encoders") or {}
+    for kind, spec in sorted(encoders.items()):
+        want = (trained.get(kind) or {}).get("fingerprint")
+        if want != spec.fingerprint:
+            raise EncoderError(
+                f"--fusion-model {model.models_version or model.fusion_path!r} was trained against the {kind} "
+                f"encoder {(trained.get(kind) or {}).get('handle')!r} (fingerprint {str(want)[:19]}), but this "
+                f"run's {kind} encoder is {spec.handle!r} (fingerprint {spec.fingerprint[:19]}); pass the "
+                f"encoders it was trained with, or retrain with `catalog-index train` on an index of these")
+
+
 def inspect_fusion(path: Optional[str], text_dim: int, image_dim: int, dim: Optional[int],
-                   text_weight: float = 1.0, image_weight: float = 1.0, seed: int = 0) -> FusionSpec:
+                   text_weight: float = 1.0, image_weight: float = 1.0, seed: int = 0,
+                   encoders: Optional[dict] = None) -> FusionSpec:
     """Builds the FusionSpec at launch, loading and probing a fusion SavedModel if given.
 
-    Fails with EncoderError when the model does not take the encoders' sizes or
-    does not return ``dim``-sized vectors.
+    ``path`` may name a models directory of ``catalog-index train`` (its LATEST), one of its versions
+    (then the query tower comes along, and ``encoders`` {kind: EncoderSpec} must match the ones it was
+    trained against), or a bare fusion SavedModel. Fails with EncoderError when a model does not take
+    the encoders' sizes or does not return ``dim``-sized vectors.
     """
     if path is None:
         return FusionSpec(PROJECTION, text_dim, image_dim, dim or 256, text_weight, image_weight, seed)
     from embedding.encoders import fingerprint
 
-    probe_spec = FusionSpec(SAVED_MODEL, text_dim, image_dim, dim or 0, path=path)
-    model = SavedModelFusion(probe_spec)
+    model = resolve_fusion_model(path)
+    if encoders:
+        check_trained_against(model, encoders)
+    out_dim = _probe(model.fusion_path, text_dim, image_dim, dim)
+    spec = FusionSpec(SAVED_MODEL, text_dim, image_dim, out_dim, path=model.fusion_path,
+                      fingerprint=fingerprint(model.fusion_path), models_version=model.models_version)
+    if model.query_path is not None:
+        if _probe(model.query_path, text_dim, image_dim, out_dim) != out_dim:  # pragma: no cover - _probe raises
+            raise EncoderError(f"query tower {model.query_path!r} does not return {out_dim}-d vectors")
+        spec = dataclasses.replace(spec, query_path=model.query_path, query_fingerprint=fingerprint(model.query_path))
+    return spec
+
+
+def _probe(path: str, text_dim: int, image_dim: int, dim: Optional[int]) -> int:
+    """Loads a fusion SavedModel and runs it once; returns its output size."""
+    model = SavedModelFusion(FusionSpec(SAVED_MODEL, text_dim, image_dim, dim or 0, path=path))
     try:
         out = model(np.zeros((2, text_dim)), np.ones(2), np.zeros((2, image_dim)), np.zeros(2))
     except EncoderError:
@@ -173,7 +296,7 @@ def inspect_fusion(path: Optional[str], text_dim: int, image_dim: int, dim: Opti
             f"fusion model {path!r} returns {out_dim}-d vectors but --dimension is {dim}; "
             f"drop --dimension or set it to {out_dim}"
         )
-    return dataclasses.replace(probe_spec, dim=out_dim, fingerprint=fingerprint(path))
+    return out_dim
 
 
 def export_projection_fusion(spec: FusionSpec, export_dir: str) -> str:

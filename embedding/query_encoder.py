@@ -122,7 +122,7 @@ def export_query_encoder(text_spec: enc.EncoderSpec, image_spec: enc.EncoderSpec
     module.image_model = enc._load_model(image_spec.handle, enc.IMAGE, model_cache)
     encode_text = _model_fn(module.text_model, text_spec.handle, enc.TEXT)
     encode_image = _model_fn(module.image_model, image_spec.handle, enc.IMAGE)
-    fuse = _fusion_fn(fusion_spec, module)
+    fuse = _fusion_fn(fusion_spec.query_spec(), module)  # a trained query tower when the fusion has one
     text_dim, image_dim = fusion_spec.text_dim, fusion_spec.image_dim
 
     def text_inputs(text):
@@ -229,12 +229,14 @@ def _summary(ids, got=None, want=None) -> dict:
             "max_norm_error": norm_error}
 
 
-def measure_parity(encoder: QueryEncoder, fusion, samples) -> dict:
+def measure_parity(encoder: QueryEncoder, fusion, samples, query_tower: bool = False) -> dict:
     """Cosines between the query encoder and the pipeline's own vectors on sampled items.
 
     ``samples``: objects with ``item_id``, ``text`` (what the text encoder saw, or None), ``image``
     (float32 [h, w, 3] as the image encoder saw it, or None) and the item's stored ``text_embedding``,
-    ``image_embedding`` and fused ``embedding``. ``fusion``: the pipeline's (fusion.make_fusion).
+    ``image_embedding`` and fused ``embedding``. ``fusion``: the pipeline's (fusion.make_fusion), or with
+    ``query_tower`` the query tower of a trained fusion (then text_and_image is compared with the query
+    tower on the stored text and image vectors, not with the item's fused vector).
 
     - text: query ``text`` on the text vs the fusion of the stored text vector alone;
     - image: query ``image`` on the pixels vs the fusion of the stored image vector alone;
@@ -266,7 +268,13 @@ def measure_parity(encoder: QueryEncoder, fusion, samples) -> dict:
         out[IMAGE] = _summary([])
     if both:
         got = encoder.encode([s.text for s in both], np.stack([s.image for s in both]))
-        out[TEXT_AND_IMAGE] = _summary([s.item_id for s in both], got, np.stack([s.embedding for s in both]))
+        if not query_tower:
+            want = np.stack([s.embedding for s in both])  # the item's own fused vector, as published
+        else:  # a query tower embeds queries differently from items: compare with it on the stored vectors
+            n = len(both)
+            want = fusion(np.stack([s.text_embedding for s in both]), np.ones(n),
+                          np.stack([s.image_embedding for s in both]), np.ones(n))
+        out[TEXT_AND_IMAGE] = _summary([s.item_id for s in both], got, want)
     else:
         out[TEXT_AND_IMAGE] = _summary([])
     return out

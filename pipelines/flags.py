@@ -52,11 +52,22 @@ class ArgumentParser(argparse.ArgumentParser):
         return out
 
 
-def check_pipeline_flags(argv: list, prog: str, extra: Optional[argparse.ArgumentParser] = None) -> None:
-    """Raises UsageError for any flag that neither the app nor any Beam PipelineOptions class knows."""
+# Packages whose PipelineOptions subclasses are this project's commands (everything else is Beam's).
+_APP_PACKAGES = frozenset({"pipelines", "catalog_index"})
+
+
+def check_pipeline_flags(argv: list, prog: str, extra: Optional[argparse.ArgumentParser] = None,
+                         app: Optional[type] = None) -> None:
+    """Raises UsageError for any flag that neither the app nor any Beam PipelineOptions class knows.
+
+    ``app``: the command's own PipelineOptions class (default IndexOptions). Other commands' option
+    classes do not count: `train --shards 3` is an unknown flag, not an index flag silently ignored.
+    """
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
-    import pipelines.options  # noqa: F401 - registers IndexOptions as a PipelineOptions subclass
+    from pipelines.options import IndexOptions
+
+    app = app or IndexOptions
 
     class Parser(_BeamArgumentParser):
         def error(self, message):  # a bad value (--shards x): one line, not usage and SystemExit
@@ -67,6 +78,8 @@ def check_pipeline_flags(argv: list, prog: str, extra: Optional[argparse.Argumen
 
     def add(cls):
         for sub in cls.__subclasses__():
+            if sub.__module__.split(".")[0] in _APP_PACKAGES and sub is not app:
+                continue  # another command's options
             if sub.__name__ not in seen:
                 seen.add(sub.__name__)
                 try:

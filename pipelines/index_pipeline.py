@@ -173,7 +173,8 @@ def _ship_query_encoder(plan: IndexPlan, samples, model_cache: Optional[str]) ->
     with tempfile.TemporaryDirectory(prefix="catalog-index-query-encoder-") as tmp:
         local = qe.export_query_encoder(plan.text_encoder, plan.image_encoder, plan.fusion,
                                         os.path.join(tmp, qe.DIRECTORY), model_cache, tr.MAX_TEXT_CHARS)
-        parity = qe.measure_parity(qe.QueryEncoder(local), fus.make_fusion(plan.fusion), samples)
+        parity = qe.measure_parity(qe.QueryEncoder(local), fus.make_fusion(plan.fusion.query_spec()), samples,
+                                   query_tower=plan.fusion.query_path is not None)
         problem = qe.parity_problem(parity)
         if problem is not None:
             raise PublicationError(f"the query encoder does not reproduce the pipeline's vectors: {problem}. "

@@ -77,7 +77,9 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                             help="Square input size for image encoders whose signature leaves it open (224).")
         parser.add_argument("--fusion-model", "--fusion_model", dest="fusion_model", default=None,
-                            help="Fusion SavedModel (see embedding/fusion.py); default: seeded projection.")
+                            help="Trained fusion: a `catalog-index train` models directory (its LATEST), one of its "
+                                 "versions (item and query towers), or a bare fusion SavedModel (see "
+                                 "embedding/fusion.py); default: the seeded projection.")
         parser.add_argument("--text-weight", "--text_weight", dest="text_weight", type=float, default=1.0)
         parser.add_argument("--image-weight", "--image_weight", dest="image_weight", type=float, default=1.0)
         parser.add_argument("--trees", type=int, default=10, help="Annoy trees per shard.")
@@ -186,7 +188,8 @@ class IndexOptions(PipelineOptions):
             _log.warning("%s", text_choice.warning)
         text = enc.inspect_encoder(text_choice.handle, enc.TEXT, model_cache=self.model_cache)
         fusion = fus.inspect_fusion(self.fusion_model, text.output_dim, image.output_dim, self.dimension,
-                                    self.text_weight, self.image_weight, self.seed)
+                                    self.text_weight, self.image_weight, self.seed,
+                                    encoders={enc.TEXT: text, enc.IMAGE: image})
         release = layout.new_release_id(started)
         return IndexPlan(
             catalog_pattern=self.catalog,
@@ -264,7 +267,8 @@ class IndexPlan:
             "catalog": [{"sha256": c["sha256"], "size": c["size"]} for c in self.catalog_inputs],
             "text_encoder": {k: v for k, v in self.text_encoder.to_json().items() if k != "handle"},
             "image_encoder": {k: v for k, v in self.image_encoder.to_json().items() if k != "handle"},
-            "fusion": {k: v for k, v in self.fusion.to_json().items() if k != "path"},
+            # Where the models lie does not shape the content; their fingerprints do.
+            "fusion": {k: v for k, v in self.fusion.to_json().items() if k not in ("path", "query_path")},
             "options": self.content_options,
         }
         digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()

@@ -73,7 +73,7 @@ def query_sets(manifest: dict, ids: list, matrix: np.ndarray, text: tuple, image
     from embedding import fusion as fus
 
     spec = fus.FusionSpec.from_json(manifest["fusion"])
-    fuse = fus.make_fusion(spec)
+    fuse = fus.make_fusion(spec.query_spec())  # queries go through the query tower when there is one
     sets = {"item": matrix[chosen]}
     for kind, (rows, vecs), width, other in (("text", text, spec.text_dim, spec.image_dim),
                                              ("image", image, spec.image_dim, spec.text_dim)):

@@ -192,3 +192,50 @@ def later(candidate: Pointer, current: Optional[Pointer]) -> bool:
     if candidate.version == current.version:
         return candidate.snapshot_time >= current.snapshot_time
     return candidate.snapshot_time > current.snapshot_time
+
+
+# --------------------------------------------------------------------------- trained models (catalog-index train)
+#
+#   MODELS_DIR/
+#     LATEST                 pointer (JSON) to the promoted version; moved by compare-and-swap
+#     _lease.json            the trainer's lease
+#     <version>/             never rewritten once training.json is there
+#       fusion/              the item tower: a fusion SavedModel (embedding/fusion.py's interface)
+#       query/               the query tower: the same interface, for queries
+#       evaluation.json, report.html, rejected/part-*.parquet
+#       training.json        written last: options, data counts, encoders, size and sha256 of every file
+
+MODELS_FUSION_DIR = "fusion"
+MODELS_QUERY_DIR = "query"
+TRAINING_FILE = "training.json"
+EVALUATION_FILE = "evaluation.json"
+REPORT_FILE = "report.html"
+MODELS_POINTER_FORMAT = 1
+
+
+class ModelsPointer(NamedTuple):
+    """What MODELS_DIR/LATEST holds: the promoted models version and its training.json checksum."""
+
+    version: str
+    training_sha256: str
+
+    def dumps(self) -> bytes:
+        body = {"format": MODELS_POINTER_FORMAT, "version": self.version, "training_sha256": self.training_sha256}
+        return (json.dumps(body, sort_keys=True) + "\n").encode("utf-8")
+
+    @classmethod
+    def loads(cls, data: bytes, where: str = "models pointer") -> "ModelsPointer":
+        try:
+            body = json.loads(data.decode("utf-8"))
+            pointer = cls(body["version"], body["training_sha256"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise VerificationError(f"{where} is not a catalog-index models pointer ({type(e).__name__})") from None
+        if not is_version_name(pointer.version):
+            raise VerificationError(f"{where} names an invalid models version {pointer.version!r}")
+        return pointer
+
+
+def new_models_version(now: Optional[datetime.datetime] = None) -> str:
+    """A fresh models version name: m<UTC time>-<8 hex> (sorts by time, never collides)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return f"m{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"

@@ -63,7 +63,8 @@ class QueryEmbedder:
             self._text = enc.Encoder(text_spec.handle, enc.TEXT)
             self._image = enc.Encoder(image_spec.handle, enc.IMAGE, image_spec.image_size)
             self.image_size = self._image.image_size
-            self._fusion = fus.make_fusion(fus.FusionSpec.from_json(manifest["fusion"]))
+            # Queries go through the query tower of a trained fusion, when the release has one.
+            self._fusion = fus.make_fusion(fus.FusionSpec.from_json(manifest["fusion"]).query_spec())
 
     def _load_query_encoder(self, path: str):
         from embedding.query_encoder import load_saved_model
