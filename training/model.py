@@ -288,7 +288,9 @@ def export_tower(tower: Tower, export_dir: str) -> str:
     ``serving_default``: text_embedding [None, text_dim], text_mask [None],
     image_embedding [None, image_dim], image_mask [None] ->
     {"embedding": [None, dim]}; ``attention``: the same inputs ->
-    {"weights": [None, 2]} (text, image). Refuses a non-empty ``export_dir``
+    {"weights": [None, 2]} (text, image). The same for both towers: the query
+    tower exported this way is what ``--fusion-model`` loads from a models
+    version's ``query/`` (embedding/fusion.py). Refuses a non-empty ``export_dir``
     (nothing is overwritten); atomic publication is the caller's job.
     """
     if tf.io.gfile.exists(export_dir) and tf.io.gfile.listdir(export_dir):
