@@ -51,7 +51,6 @@ Beam metrics (namespace ``catalog_index``, as the index pipeline's): counters
 ``<kind>_encoder_latency_ms`` distributions (pipelines/inference.py).
 """
 
-import collections
 import datetime
 import hashlib
 import json

@@ -225,6 +225,8 @@ def test_query_vectors_are_the_index_encoders_and_each_input_is_encoded_once(run
     assert summary.distinct_texts == 5 and summary.texts_encoded == 5
     # red.png, yellow.png, the missing and the broken photo: 4 distinct URIs; 2 loaded and encoded.
     assert summary.distinct_images == 4 and summary.images_encoded == 2
+    metrics = json.load(open(summary.paths["summary"]))["metrics"]
+    assert (metrics["query_texts_encoded"], metrics["query_images_loaded"], metrics["query_images_encoded"]) == (5, 2, 2)
 
     text_spec = enc.EncoderSpec.from_json("text", manifest["encoders"]["text"])
     image_spec = enc.EncoderSpec.from_json("image", manifest["encoders"]["image"])
@@ -271,6 +273,15 @@ def test_no_train_rows_is_a_data_error(index, click_log, tmp_path):
     with pytest.raises(DataError, match=r"no train rows: .* --eval-days 3 .*2026-11-01, 2026-11-02, 2026-11-03"):
         tp.run_preprocess(click_log["glob"], release_dir, manifest, str(tmp_path / "x"), eval_days=3,
                           max_rejected_fraction=1.0)
+
+
+def test_eval_start_and_log_q_rules():
+    assert tp.eval_start_of([], 1) is None
+    assert tp.eval_start_of(["2026-11-05", "2026-11-01", "2026-11-02", "2026-11-05"], 2) == "2026-11-02"  # days present
+    assert tp.eval_start_of(["2026-11-01"], 3) == "2026-11-01"
+    assert tp.log_q(3, 12) == pytest.approx(math.log(0.25))
+    assert tp.log_q(0, 12) == pytest.approx(math.log(1 / 13))
+    assert tp.log_q(0, 0) == 0.0
 
 
 # ------------------------------------------------------------------ configuration errors, before any work
