@@ -331,6 +331,14 @@ def test_bad_options(index, click_log, tmp_path, kwargs, message):
         tp.run_preprocess(click_log["glob"], *index, str(tmp_path / "out"), **kwargs)
 
 
+def test_a_log_with_no_rows_stops_before_any_work(index, tmp_path):
+    empty = pa.Table.from_pylist([], clk.CLICKS_SCHEMA)
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match="1 file\\(s\\) with no rows"):
+        tp.run_preprocess(str(tmp_path / "*.parquet"), *index, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_no_clicks_and_used_output_folders(index, click_log, run, tmp_path):
     with pytest.raises(ConfigError, match="matches no file"):
         tp.run_preprocess(str(tmp_path / "none-*.parquet"), *index, str(tmp_path / "out"))
