@@ -2,6 +2,7 @@
 
     catalog-index index    --catalog GLOB --output DIR [...] [Beam flags]
     catalog-index backfill --catalog-pattern P --from D --to D --output DIR [...]
+    catalog-index train    --clicks GLOB --index DIR --output MODELS_DIR [...] [Beam flags]
     catalog-index models   {list,build,export --to DIR_OR_GS}
     catalog-index verify   --index DIR [--version V]
     catalog-index gc       --output DIR [--keep N] [--older-than DAYS] [--dry-run]
@@ -18,10 +19,11 @@ import os
 import re
 import sys
 
-USAGE = """usage: catalog-index {index,backfill,verify,gc,models,sample,query,serve} [options]
+USAGE = """usage: catalog-index {index,backfill,train,verify,gc,models,sample,query,serve} [options]
 
   index      build and publish one index version from a catalog
   backfill   build one version per date from a dated catalog pattern
+  train      refit the fusion on logged clicks (text and photo searches); index with --fusion-model
   verify     check a published version against its manifest (every file's sha256)
   gc         remove abandoned and replaced releases, and old versions
   models     list, build or export the built-in pretrained encoders
@@ -86,6 +88,31 @@ def _index(argv):
         return 0
     flags.check_pipeline_flags(argv, "catalog-index index")
     result = index_pipeline.run(argv)
+    print(result.summary())
+    return 0
+
+
+def _train(argv):
+    from pipelines import flags
+    from pipelines import train_pipeline
+    from pipelines.train_options import TrainOptions
+
+    if "-h" in argv or "--help" in argv:
+        import argparse
+
+        parser = argparse.ArgumentParser(
+            prog="catalog-index train",
+            description="Refit the fusion on logged clicks: a Beam preprocessing (validate, encode each distinct "
+                        "query once, split by time), then an item tower and a query tower trained with an "
+                        "in-batch softmax, evaluated on the held-out days against the index's fusion, and "
+                        "published as OUTPUT/<version>/ (LATEST moves by compare-and-swap).",
+            epilog="Any Beam pipeline flag (--runner, --direct_num_workers, Dataflow flags) passes through to the "
+                   "preprocessing. Then: catalog-index index ... --fusion-model MODELS_DIR.")
+        TrainOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+        parser.print_help()
+        return 0
+    flags.check_pipeline_flags(argv, "catalog-index train", app=TrainOptions)
+    result = train_pipeline.run(argv)
     print(result.summary())
     return 0
 
@@ -220,7 +247,7 @@ def _serve(argv):
                                                     allow_abbrev=False))
 
 
-COMMANDS = {"index": _index, "backfill": _backfill, "verify": _verify, "gc": _gc, "models": _models,
+COMMANDS = {"index": _index, "backfill": _backfill, "train": _train, "verify": _verify, "gc": _gc, "models": _models,
             "sample": _sample, "query": _query, "serve": _serve}
 
 

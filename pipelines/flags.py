@@ -97,3 +97,22 @@ def check_pipeline_flags(argv: list, prog: str, extra: Optional[argparse.Argumen
         _, unknown = extra.parse_known_args(unknown)
     if unknown:
         _unknown(unknown, known, prog)
+
+
+class SharedFlags:
+    """A parser view for PipelineOptions._add_argparse_args that skips flags another options class of
+    this project already added: Beam's get_all_options puts every PipelineOptions subclass in one
+    parser, and `index` and `train` share --output, --seed, --batch-size... (argparse would refuse the
+    second copy). Each command still parses its own class alone (view_as), with its own defaults."""
+
+    def __init__(self, parser):
+        self._parser = parser
+
+    def add_argument(self, *names, **kwargs):
+        taken = getattr(self._parser, "_option_string_actions", {})
+        if any(name in taken for name in names):
+            return None
+        return self._parser.add_argument(*names, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)

@@ -50,6 +50,9 @@ class IndexOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
+        from pipelines.flags import SharedFlags
+
+        parser = SharedFlags(parser)
         # Dashed flags also answer to Beam's underscore style (and to Flex Template
         # parameter names, which cannot contain dashes).
         parser.add_argument("--catalog", help="Catalog Parquet path or glob (local, gs://, any Beam filesystem).")

@@ -117,7 +117,7 @@ def _copy_release(remote_dir: str, dest: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _verified_local_release(root: str, pointer: layout.Pointer, cache_dir: Optional[str]):
+def verified_release(root: str, pointer: layout.Pointer, cache_dir: Optional[str]):
     """(release folder on local disk, verified manifest); raises VerificationError naming the bad file."""
     if not _is_remote(root):
         release_dir = os.path.join(_local(root), pointer.version, pointer.release)
@@ -168,5 +168,5 @@ def _load_shards(release_dir: str, manifest: dict) -> ShardSet:
 
 def open_release(root: str, pointer: layout.Pointer, cache_dir: Optional[str] = None) -> Release:
     """The release ``pointer`` names under ``root``, verified and with its shards loaded."""
-    release_dir, manifest = _verified_local_release(root, pointer, cache_dir)
+    release_dir, manifest = verified_release(root, pointer, cache_dir)
     return Release(pointer, release_dir, manifest, _load_shards(release_dir, manifest))

@@ -1,0 +1,350 @@
+"""``catalog-index train``: refit the fusion on logged clicks and publish it as a models version.
+
+    clicks Parquet --(Beam: validate, keep positives, encode each distinct query once,
+                      split by time, logQ)--> examples
+    index release  --(its embeddings table)--> every item's text and image vectors
+    examples + items --(TensorFlow: item tower = the fusion, query tower; in-batch
+                        softmax with logQ and accidental-hit masking)--> two towers
+    held-out days --(exact ranking over the whole catalog)--> evaluation.json, report.html
+    MODELS_DIR/<version>/{fusion,query}/, training.json (last) --> LATEST by compare-and-swap
+
+The preprocessing is a Beam pipeline (DirectRunner or Dataflow); the training
+runs in this process. Nothing is overwritten: every run writes a new version
+folder, seals it with training.json (size and sha256 of every file), and moves
+LATEST only after that, under the models directory's lease, by compare-and-swap;
+with ``--promote-if-better`` only when the candidate beats the index's own
+fusion on held-out recall@10.
+"""
+
+import datetime
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from pipelines import cas, files, lease
+from pipelines.train_options import TrainOptions
+from schemas import embeddings as emb
+from schemas import layout
+from schemas.errors import ConfigError, DataError, PublicationError
+
+_log = logging.getLogger(__name__)
+
+
+class TrainResult(NamedTuple):
+    version: str
+    version_dir: str
+    promoted: bool
+    decision: dict
+    evaluation: dict
+    training: dict
+    seconds: float
+
+    def summary(self) -> str:
+        data = self.training["data"]
+        cand = self.evaluation["candidate"]["all"]
+        base = self.evaluation["baseline"]["all"]
+        lines = [
+            f"trained {self.version} against index {self.training['index']['version']}/"
+            f"{self.training['index']['release']} in {self.seconds:.1f}s",
+            f"  clicks: {data['read']} read, {data['kept']} kept ({data['train']} train, {data['eval']} held out "
+            f"from {data['eval_start']}), {data['impressions']} impressions, {data['rejected']} rejected",
+            f"  held-out recall@10: candidate {cand.get('recall_at_10', 0):.4f} vs baseline "
+            f"{base.get('recall_at_10', 0):.4f}; MRR {cand.get('mrr', 0):.4f} vs {base.get('mrr', 0):.4f}",
+        ]
+        for kind in ("text", "photo"):
+            c, b = self.evaluation["candidate"].get(kind), self.evaluation["baseline"].get(kind)
+            if c and b:
+                lines.append(f"  {kind} queries ({c['queries']}): recall@10 {c['recall_at_10']:.4f} vs "
+                             f"{b['recall_at_10']:.4f}")
+        if self.promoted:
+            lines.append(f"  LATEST -> {self.version}")
+        else:
+            lines.append(f"  LATEST not moved: {self.decision.get('why', '')}")
+        lines.append(f"  report: {files.join(self.version_dir, layout.REPORT_FILE)}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the item side
+
+
+def load_items(release_dir: str, manifest: dict):
+    """(item ids, training.model.Items) from a release's embeddings table: each item's text and image vectors."""
+    import pyarrow.parquet as pq
+
+    from training.model import Items
+
+    text_dim, image_dim = int(manifest["fusion"]["text_dim"]), int(manifest["fusion"]["image_dim"])
+    ids, text_rows, image_rows = [], [], []
+    for rel in manifest["tables"]["embeddings"]:
+        table = pq.read_table(os.path.join(release_dir, rel), columns=[emb.ITEM_ID, emb.TEXT_EMBEDDING,
+                                                                        emb.IMAGE_EMBEDDING])
+        ids.extend(table.column(emb.ITEM_ID).to_pylist())
+        text_rows.extend(table.column(emb.TEXT_EMBEDDING).to_pylist())
+        image_rows.extend(table.column(emb.IMAGE_EMBEDDING).to_pylist())
+    n = len(ids)
+    text, image = np.zeros((n, text_dim), np.float32), np.zeros((n, image_dim), np.float32)
+    text_mask, image_mask = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for i, (t, v) in enumerate(zip(text_rows, image_rows)):
+        if t is not None:
+            text[i], text_mask[i] = t, 1.0
+        if v is not None:
+            image[i], image_mask[i] = v, 1.0
+    return ids, Items(text, text_mask, image, image_mask)
+
+
+def load_examples(paths: list, row_of: dict, text_dim: int, image_dim: int):
+    """{"train": Examples, "eval": Examples} from the preprocessing's examples Parquet files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas import clicks
+    from training.model import Examples
+
+    tables = [pq.read_table(p) for p in sorted(paths)]
+    table = pa.concat_tables(tables) if tables else None
+    out = {}
+    for split in (clicks.TRAIN, clicks.EVAL):
+        if table is None:
+            rows = []
+        else:
+            rows = [i for i, s in enumerate(table.column(clicks.SPLIT).to_pylist()) if s == split]
+        n = len(rows)
+        qt, qi = np.zeros((n, text_dim), np.float32), np.zeros((n, image_dim), np.float32)
+        qtm, qim = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        item_index, weight, log_q = np.zeros(n, np.int64), np.zeros(n, np.float32), np.zeros(n, np.float32)
+        if n:
+            sub = table.take(rows)
+            for j, (t, v, item, w, lq) in enumerate(zip(
+                    sub.column(clicks.QUERY_TEXT_EMBEDDING).to_pylist(),
+                    sub.column(clicks.QUERY_IMAGE_EMBEDDING).to_pylist(),
+                    sub.column(clicks.ITEM_ID).to_pylist(), sub.column(clicks.WEIGHT).to_pylist(),
+                    sub.column(clicks.LOG_Q).to_pylist())):
+                if t is not None:
+                    qt[j], qtm[j] = t, 1.0
+                if v is not None:
+                    qi[j], qim[j] = v, 1.0
+                item_index[j], weight[j], log_q[j] = row_of[item], w, lq
+        out[split] = Examples(qt, qtm, qi, qim, item_index, weight, log_q)
+    return out
+
+
+# --------------------------------------------------------------------------- publishing a models version
+
+
+def _file_facts(root: str) -> dict:
+    """{relative path: {size, sha256}} of every file under a local folder."""
+    out = {}
+    for base, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(base, name)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[os.path.relpath(path, root).replace(os.sep, "/")] = {"size": os.path.getsize(path),
+                                                                       "sha256": digest.hexdigest()}
+    return dict(sorted(out.items()))
+
+
+def _copy_up(local_dir: str, dest_dir: str, last: str) -> None:
+    """Copies a local folder to ``dest_dir`` (local or any Beam filesystem), the file ``last`` last."""
+    names = sorted(_file_facts(local_dir))
+    for rel in [n for n in names if n != last] + [last]:
+        files.copy_local_file(os.path.join(local_dir, *rel.split("/")), files.join(dest_dir, rel))
+
+
+def _keep_evidence(work: str, version_dir: str) -> bool:
+    """Copies the preprocessing's rejected rows and summary of a failed run to ``version_dir/rejected/``."""
+    found = sorted(glob.glob(os.path.join(work, "data", "rejected-*.parquet")) +
+                   glob.glob(os.path.join(work, "data", "summary.json")))
+    for path in found:
+        files.copy_local_file(path, files.join(version_dir, "rejected", os.path.basename(path)))
+    return bool(found)
+
+
+def promote(models_dir: str, version: str, training_sha256: str, owner: lease.Lease) -> bool:
+    """Moves MODELS_DIR/LATEST to ``version`` by compare-and-swap (only forward in version name time order
+    is not required: the newest promoted run wins; the lease makes runs one at a time)."""
+    path = files.join(models_dir, layout.LATEST_FILE)
+    store = cas.store_for(path)
+    pointer = layout.ModelsPointer(version, training_sha256)
+    for _ in range(10):
+        owner.ensure()
+        _, token = store.read(path)
+        if store.write_if(path, pointer.dumps(), token):
+            return True
+    raise PublicationError(f"{path} kept changing under this run; LATEST was not moved")
+
+
+def read_models_latest(models_dir: str) -> Optional[layout.ModelsPointer]:
+    path = files.join(models_dir, layout.LATEST_FILE)
+    if not files.exists(path):
+        return None
+    return layout.ModelsPointer.loads(files.read_bytes(path), where=path)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _open_index(opts: TrainOptions):
+    from search.release import read_pointer, verified_release
+
+    pointer = read_pointer(opts.index, opts.index_version)
+    release_dir, manifest = verified_release(opts.index, pointer, opts.cache_dir)
+    if "fusion" not in manifest or "tables" not in manifest:
+        raise ConfigError(f"--index {opts.index!r}: release {pointer.path} has no fusion or embeddings table "
+                          f"to train against; republish it with this version of catalog-index")
+    return pointer, release_dir, manifest
+
+
+def _towers(manifest: dict, dim: int, seed: int):
+    from embedding import fusion as fus
+    from training.model import Tower
+
+    spec = fus.FusionSpec.from_json(manifest["fusion"])
+    # Start from the index's own projection when sizes allow: training refines what already works.
+    init = spec if spec.kind == fus.PROJECTION and spec.dim == dim else None
+    if init is None:
+        _log.info("towers start from a random initialisation (the index's fusion is %s, %d-d)", spec.kind, spec.dim)
+    return (Tower(spec.text_dim, spec.image_dim, dim, seed=seed, init=init, name="item_tower"),
+            Tower(spec.text_dim, spec.image_dim, dim, seed=seed + 1, init=init, name="query_tower"), spec)
+
+
+def run(argv=None, test_pipeline=None) -> TrainResult:
+    """Validates, preprocesses (Beam), trains, evaluates, writes and (maybe) promotes a models version."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from embedding import fusion as fus
+    from pipelines.train_preprocess import run_preprocess
+    from schemas import clicks
+    from training import evaluate as ev
+    from training import model as tm
+    from training import report
+
+    start = time.perf_counter()
+    options = PipelineOptions(argv if argv is not None else sys.argv[1:])
+    opts = options.view_as(TrainOptions)
+    models_dir = opts.check()
+    event_weights = clicks.parse_event_weights(opts.event_weights)
+    version = opts.models_version or layout.new_models_version()
+    version_dir = files.join(models_dir, version)
+    if files.exists(files.join(version_dir, layout.TRAINING_FILE)) or files.list_files(version_dir):
+        raise ConfigError(f"--models-version {version!r}: {version_dir} exists; models versions are never "
+                          f"rewritten, pick another name")
+    pointer, release_dir, manifest = _open_index(opts)
+    dim = opts.dimension or int(manifest["dimension"])
+    owner = lease.Lease(models_dir, version, version, command="train", seconds=opts.lease_seconds).acquire()
+    work = tempfile.mkdtemp(prefix="catalog-index-train-")
+    try:
+        owner.start_heartbeat()
+        # 1. Beam: click rows -> examples with query vectors, split by time, logQ.
+        try:
+            summary = run_preprocess(
+                opts.clicks, release_dir, manifest, os.path.join(work, "data"), eval_days=opts.eval_days,
+                event_weights=event_weights, max_rejected_fraction=opts.max_rejected_fraction,
+                image_root=opts.image_root, pipeline_options=options, test_pipeline=test_pipeline)
+        except DataError as e:
+            # Too many bad rows (or none left to train on): keep the evidence where the user looks. The
+            # folder has no training.json, so nothing ever loads it as a model.
+            kept = _keep_evidence(work, version_dir)
+            raise type(e)(f"{e}{'; rejected rows and summary in ' + version_dir if kept else ''}") from None
+        # 2. Items and examples in memory (vectors of each item once; examples point at them).
+        ids, items = load_items(release_dir, manifest)
+        row_of = {item_id: i for i, item_id in enumerate(ids)}
+        spec = fus.FusionSpec.from_json(manifest["fusion"])
+        data = load_examples(glob.glob(os.path.join(work, "data", "examples-*.parquet")), row_of,
+                             spec.text_dim, spec.image_dim)
+        if len(data[clicks.TRAIN].weight) < 2:
+            raise DataError(f"only {len(data[clicks.TRAIN].weight)} training example(s) after preprocessing; "
+                            f"need at least 2 (see {version_dir}/rejected/)")
+        # 3. Train.
+        item_tower, query_tower, spec = _towers(manifest, dim, opts.seed)
+
+        def progress(entry):
+            print(f"epoch {entry['epoch']}/{opts.epochs}: loss {entry['loss']:.4f}, "
+                  f"{entry['examples_per_s']:.0f} examples/s ({entry['seconds']:.1f}s)", flush=True)
+
+        history = tm.train(item_tower, query_tower, data[clicks.TRAIN], items, epochs=opts.epochs,
+                           batch_size=opts.batch_size, learning_rate=opts.learning_rate,
+                           temperature=opts.temperature, use_logq=not opts.no_logq, seed=opts.seed,
+                           on_epoch=progress)
+        # 4. Evaluate on the held-out days over the whole catalog, against the index's own fusion.
+        held = data[clicks.EVAL]
+        queries = ev.Vectors(held.query_text, held.query_text_mask, held.query_image, held.query_image_mask)
+        item_vectors = ev.Vectors(items.text, items.text_mask, items.image, items.image_mask)
+
+        def tower_fn(tower):
+            return lambda t, tm_, i, im: tower(t, tm_, i, im).numpy()
+
+        baseline_fusion = fus.make_fusion(spec)
+        evaluation = {
+            "index": {"version": pointer.version, "release": pointer.release},
+            "held_out_clicks": int(len(held.weight)),
+            "candidate": ev.evaluate(tower_fn(item_tower), tower_fn(query_tower), item_vectors, queries,
+                                     held.item_index),
+            "baseline": ev.evaluate(baseline_fusion, baseline_fusion, item_vectors, queries, held.item_index),
+        }
+        weights = np.concatenate([item_tower.attention(*[part[s:s + 4096] for part in item_vectors]).numpy()
+                                  for s in range(0, len(ids), 4096)]) if ids else np.zeros((0, 2))
+        evaluation["attention"] = ev.mean_attention(weights, item_vectors)
+        decision = ev.compare(evaluation["candidate"], evaluation["baseline"]) if len(held.weight) else {
+            "metric": ev.PRIMARY_METRIC, "candidate": None, "baseline": None, "candidate_is_better": False}
+        evaluation["decision"] = decision
+        # 5. The version folder, built locally, copied up with training.json last.
+        local = os.path.join(work, "version")
+        tm.export_tower(item_tower, os.path.join(local, layout.MODELS_FUSION_DIR))
+        tm.export_tower(query_tower, os.path.join(local, layout.MODELS_QUERY_DIR))
+        rejected_dir = os.path.join(local, "rejected")
+        os.makedirs(rejected_dir)
+        for path in sorted(glob.glob(os.path.join(work, "data", "rejected-*.parquet"))):
+            shutil.copy(path, rejected_dir)
+        training = {
+            "format": 1,
+            "version": version,
+            "created_at": layout.format_time(datetime.datetime.now(datetime.timezone.utc)),
+            "index": {"root": opts.index, "version": pointer.version, "release": pointer.release,
+                      "manifest_sha256": pointer.manifest_sha256},
+            "encoders": {kind: manifest["encoders"][kind] for kind in ("text", "image")},
+            "towers": {"text_dim": spec.text_dim, "image_dim": spec.image_dim, "dim": dim,
+                       "initialised_from": "index projection" if spec.kind == fus.PROJECTION and spec.dim == dim
+                       else "random"},
+            "options": opts.training_options(),
+            "data": {"read": summary.read, "kept": summary.kept, "impressions": summary.impressions,
+                     "rejected": sum(summary.rejected_by_reason.values()),
+                     "rejected_by_reason": dict(summary.rejected_by_reason), "train": summary.train,
+                     "eval": summary.eval, "eval_start": summary.eval_start,
+                     "distinct_texts": summary.distinct_texts, "distinct_images": summary.distinct_images,
+                     "items": len(ids)},
+            "history": history,
+        }
+        with open(os.path.join(local, layout.EVALUATION_FILE), "w") as f:
+            json.dump(evaluation, f, indent=1, sort_keys=True)
+        with open(os.path.join(local, layout.REPORT_FILE), "w") as f:
+            f.write(report.render(evaluation, training))
+        training["files"] = _file_facts(local)
+        raw = (json.dumps(training, indent=1, sort_keys=True) + "\n").encode()
+        with open(os.path.join(local, layout.TRAINING_FILE), "wb") as f:
+            f.write(raw)
+        owner.ensure()
+        _copy_up(local, version_dir, layout.TRAINING_FILE)
+        # 6. Promote.
+        promoted = False
+        if opts.promote_if_better and not decision["candidate_is_better"]:
+            decision["why"] = (f"--promote-if-better: candidate {decision['metric']} {decision['candidate']} does "
+                               f"not beat the baseline's {decision['baseline']}")
+        else:
+            promoted = promote(models_dir, version, hashlib.sha256(raw).hexdigest(), owner)
+        return TrainResult(version, version_dir, promoted, decision, evaluation, training,
+                           time.perf_counter() - start)
+    finally:
+        owner.release()
+        shutil.rmtree(work, ignore_errors=True)
