@@ -198,3 +198,43 @@ def test_bad_options_fail_before_any_work(flags, words, trained, shop, tmp_path)
     with pytest.raises(ConfigError, match=words):
         _train("--clicks", trained["clicks"], "--index", shop["index"], "--output", tmp_path / "m", *flags)
     assert not os.path.exists(tmp_path / "m")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--shards", "3"], "unknown flag --shards"),  # an index flag is not a train flag
+    (["--epoch", "3"], "did you mean --epochs"),
+])
+def test_the_cli_refuses_flags_it_does_not_know_in_one_line(argv, words, tmp_path, capsys):
+    from catalog_index.cli import main
+
+    status = main(["train", "--clicks", "c.parquet", "--index", "i", "--output", str(tmp_path / "m"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and words in err[0], err
+
+
+def test_the_cli_help_lists_every_train_flag(capsys):
+    from catalog_index.cli import main
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--clicks", "--index", "--output", "--eval-days", "--dimension", "--epochs", "--batch-size",
+                 "--temperature", "--learning-rate", "--event-weights", "--no-logq", "--seed",
+                 "--promote-if-better", "--version", "Beam"):
+        assert flag in out, flag
+
+
+def test_a_run_with_too_many_bad_rows_stops_before_training_and_keeps_the_evidence(shop, tmp_path):
+    from schemas.errors import DataError
+
+    rows = [{"event_time": datetime.datetime(2026, 11, 20 + d, tzinfo=datetime.timezone.utc), "query": "tea",
+             "query_image_uri": None, "item_id": shop["items"][d]["item_id"] if d < 3 else f"gone-{d}",
+             "event": "click"} for d in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "clicks.parquet")
+    with pytest.raises(DataError, match="rejected") as caught:
+        _train("--clicks", tmp_path / "clicks.parquet", "--index", shop["index"], "--output", tmp_path / "m",
+               "--models-version", "bad1")
+    assert "rejected rows and summary in" in str(caught.value)
+    kept = os.listdir(tmp_path / "m" / "bad1" / "rejected")
+    assert "summary.json" in kept and any(n.startswith("rejected-") for n in kept)
+    assert not os.path.exists(tmp_path / "m" / "LATEST")
+    assert not os.path.exists(tmp_path / "m" / "bad1" / layout.TRAINING_FILE)
