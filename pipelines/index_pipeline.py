@@ -13,6 +13,7 @@ A failed or killed run never moves a pointer, so readers that follow LATEST
 never see it; a failed run removes its own folder, ``gc`` a killed one's.
 """
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -33,8 +34,10 @@ from pipelines import lease
 from pipelines import progress
 from pipelines import publication as pub
 from pipelines import recall
+from pipelines import reuse
+from pipelines import shards as shd
 from pipelines import transforms as tr
-from pipelines.options import IndexOptions, IndexPlan
+from pipelines.options import PREPROCESSING_VERSION, IndexOptions, IndexPlan
 from schemas import layout
 from schemas import manifest as mf
 from schemas import rejected as rej
@@ -93,6 +96,10 @@ class _Publish(beam.DoFn):
         read = int(read)
         indexed = sum(s.count for s in shards)
         self._check_limits(read, rejected_by_reason, indexed, degraded_by_reason)
+        vectors = dict.fromkeys(shd.VECTOR_COUNTS, 0)
+        for shard in shards:
+            for name, n in shard.vectors:
+                vectors[name] += n
 
         entries = {}
         for shard in shards:
@@ -136,7 +143,11 @@ class _Publish(beam.DoFn):
                 "rejected_by_reason": rejected_by_reason,
                 "degraded": sum(degraded_by_reason.values()),
                 "degraded_by_reason": degraded_by_reason,
+                **vectors,
             },
+            # Where unchanged items' vectors came from (pipelines/reuse.py); not part of "inputs".
+            "reuse": {"source": plan.reuse.to_json() if plan.reuse is not None else None,
+                      "preprocessing": PREPROCESSING_VERSION},
             "options": self._options,
             "tool": {"name": layout.TOOL, "version": layout.TOOL_VERSION},
         }
@@ -253,7 +264,9 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     valid = rows | "ValidateItems" >> tr.ValidateItems()
     unique = valid["items"] | "DeduplicateItems" >> tr.DeduplicateItems()
     buckets = plan.encode_buckets(opts.batch_size)
-    batches = unique["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size)
+    # Incremental runs: the previous version's rows join the items in their batches (pipelines/reuse.py).
+    previous = p | "ReadPrevious" >> reuse.ReadPrevious(plan.reuse.embeddings) if plan.reuse is not None else None
+    batches = unique["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size, previous)
     encoded = batches | "EncodeItems" >> tr.EncodeItems(
         plan.text_encoder.handle, plan.image_encoder.handle, plan.image_encoder.image_size, buckets,
         batch_size=opts.batch_size,
@@ -262,8 +275,11 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
         model_cache=opts.model_cache, image_timeout=opts.image_timeout,
         allow_private_hosts=bool(opts.allow_private_image_hosts), image_root=opts.image_root)
     fused = encoded["items"] | "FuseEmbeddings" >> tr.FuseEmbeddings(plan.fusion)
+    image_options = (tuple(plan.image_encoder.image_size), opts.max_image_pixels,
+                     {"timeout": opts.image_timeout, "allow_private_hosts": bool(opts.allow_private_image_hosts),
+                      "image_root": opts.image_root})
     query_sample = {"batches": batches, tr.IMAGES: encoded[tr.IMAGES], "items": fused["items"]} | (
-        "SampleQueryInputs" >> tr.SampleQueryInputs())
+        "SampleQueryInputs" >> tr.SampleQueryInputs(image_options=image_options))
     shards = fused["items"] | "WriteAnnoyShards" >> tr.WriteAnnoyShards(
         staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed)
 
@@ -328,11 +344,18 @@ class IndexRunResult:
         head = f"published {self.release_dir}" + (f" ({self.note})" if self.note else "")
         chosen = self.plan.text_choice
         text = f"  text encoder {chosen.describe()}\n" if chosen is not None else ""
+        vectors = ""
+        if "encoded_text" in c:
+            source = (self.manifest.get("reuse") or {}).get("source")
+            origin = f"from {source['version']}/{source['release']}" if source else "no previous version reused"
+            vectors = (f"  text vectors reused {c['reused_text']}, encoded {c['encoded_text']}; image vectors "
+                       f"reused {c['reused_image']}, encoded {c['encoded_image']} ({origin})\n")
         return (
             f"{head}\n"
             f"{text}"
             f"  read {c['read']}, indexed {c['indexed']} in {len(self.manifest['shards'])} shard(s), "
             f"rejected {c['rejected']} ({reasons}), degraded {c['degraded']} ({degraded})\n"
+            f"{vectors}"
             f"  {where}\n"
             f"  wall time {self.wall_s:.1f}s (validation and model probes {self.validation_s:.1f}s), "
             f"{rate:.1f} items/s"
@@ -427,6 +450,9 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
             manifest, outcome, note = finished
             return IndexRunResult(plan, manifest, time.perf_counter() - start, None,
                                   validation_s=time.perf_counter() - start, outcome=outcome, note=note)
+        # The previous version whose vectors unchanged items reuse (after the rerun check: a finished
+        # rerun needs none); a ConfigError for an unusable --reuse-from, a log line for an unusable LATEST.
+        plan = dataclasses.replace(plan, reuse=reuse.resolve(plan, opts.reuse_from, opts.no_reuse))
         validated = time.perf_counter()
         # DoFns reference module-level code of this package; workers need the main session for nothing.
         options.view_as(SetupOptions).save_main_session = False

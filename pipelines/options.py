@@ -124,6 +124,13 @@ class IndexOptions(PipelineOptions):
                             default=lease.DEFAULT_SECONDS,
                             help="Expiry of the output root's publication lease, renewed while the run lives; "
                                  "a crashed run blocks others at most this long (default 300).")
+        parser.add_argument("--reuse-from", "--reuse_from", dest="reuse_from", default=None,
+                            help="Reuse the vectors of unchanged items from this published version folder "
+                                 "(OUTPUT/<version>), release folder or output root; refused (exit 2) when it "
+                                 "does not verify or was built with other encoders, fusion or vector options. "
+                                 "Default: the version LATEST names under --output, when it matches.")
+        parser.add_argument("--no-reuse", "--no_reuse", dest="no_reuse", action="store_true",
+                            help="Encode every item (no incremental reuse of a previous version's vectors).")
         parser.add_argument("--force", action="store_true",
                             help="Publish even if the version is already published with other content (as a new "
                                  "release; the old one stays until gc) or its folder holds foreign files.")
@@ -155,6 +162,8 @@ class IndexOptions(PipelineOptions):
             raise ConfigError("--text-weight and --image-weight must be >= 0 and not both 0")
         if self.index_version is not None:
             layout.check_version_name(self.index_version)
+        if self.no_reuse and self.reuse_from:
+            raise ConfigError("--reuse-from and --no-reuse contradict each other; pass one of them")
         if self.snapshot_time is not None:
             layout.parse_time(self.snapshot_time)
         return self.output.rstrip("/")
@@ -229,6 +238,35 @@ class IndexOptions(PipelineOptions):
         }
 
 
+# Incremental runs (pipelines/reuse.py) reuse a previous version's text and image vectors only when
+# everything that shapes those vectors, or decides whether an item has one, is the same. The one place
+# that says what that is, next to content_options: the encoders (fingerprints, output sizes, image
+# size), the fusion and dimension (conservative: vectors are fused again anyway), and these options.
+# --max-image-pixels decides which images decode at all; --image-root and --allow-private-image-hosts
+# which images may be read (an image reused without a fetch must still be one this run may read).
+# Not here: the batch size (encoders' last bits only, see the README), shards, trees, seed and limits.
+VECTOR_OPTIONS = ("max_image_pixels", "image_root", "allow_private_image_hosts")
+# Bump when what an encoder sees for the same text or image bytes changes (item_text's cut, image
+# decoding, crop or resize): the manifest records it and vectors of another value are never reused.
+PREPROCESSING_VERSION = 1
+
+
+def vector_identity(encoders: dict, fusion: dict, dimension: int, options: dict, preprocessing) -> dict:
+    """What must be equal between two runs for one to reuse the other's vectors, from manifest-shaped
+    parts (``encoders`` {"text", "image"} as EncoderSpec.to_json, ``fusion`` as FusionSpec.to_json,
+    ``options`` holding VECTOR_OPTIONS). Handles and model paths are left out: fingerprints say it all."""
+    def model(spec: dict, drop) -> dict:
+        return {k: v for k, v in spec.items() if k not in drop}
+
+    return {
+        "encoders": {kind: model(encoders.get(kind) or {}, ("handle", "chosen_by")) for kind in ("text", "image")},
+        "fusion": model(fusion, ("path", "query_path")),
+        "dimension": dimension,
+        "options": {k: options.get(k) for k in VECTOR_OPTIONS},
+        "preprocessing": preprocessing,
+    }
+
+
 def foreign_files(version_dir: str) -> list:
     """Files in a version folder that are neither its CURRENT pointer (and its lock/temp files) nor releases."""
     out = []
@@ -263,6 +301,14 @@ class IndexPlan:
     fusion: fus.FusionSpec
     content_options: dict
     text_choice: Optional[languages.TextEncoderChoice] = None  # how --text-encoder was resolved
+    # Incremental runs: where unchanged items' vectors come from (pipelines/reuse.py Source), or None.
+    # Not part of inputs(): reuse never changes the digest.
+    reuse: Optional[object] = None
+
+    def vector_identity(self) -> dict:
+        """This run's side of the reuse check (vector_identity)."""
+        return vector_identity({"text": self.text_encoder.to_json(), "image": self.image_encoder.to_json()},
+                               self.fusion.to_json(), self.fusion.dim, self.content_options, PREPROCESSING_VERSION)
 
     def inputs(self) -> dict:
         """The manifest's ``inputs``: catalog checksums and a digest of everything that shapes the content."""

@@ -22,6 +22,13 @@ ITEMS_FUSED = "items_fused"
 ITEMS_INDEXED = "items_indexed"
 ITEMS_REJECTED = "items_rejected"
 ITEMS_DEGRADED = "items_degraded"
+IMAGES_NOT_FETCHED = "images_not_fetched"  # image vectors reused on (image_uri, image_version) alone
+# Indexed items by how each vector came about (pipelines/reuse.py); the manifest's counts of the same names.
+REUSED_TEXT = "reused_text"
+ENCODED_TEXT = "encoded_text"
+REUSED_IMAGE = "reused_image"
+ENCODED_IMAGE = "encoded_image"
+VECTOR_COUNTERS = (ENCODED_IMAGE, ENCODED_TEXT, REUSED_IMAGE, REUSED_TEXT)
 
 _log = logging.getLogger("catalog_index.progress")
 _lock = threading.Lock()

@@ -18,6 +18,7 @@ import pyarrow as pa
 from annoy import AnnoyIndex
 
 from pipelines import files
+from pipelines import progress
 from schemas import embeddings as emb
 from schemas import layout
 
@@ -45,10 +46,13 @@ class ShardInfo:
     # (size, sha256) of the id map and the embeddings part, as written: the manifest's ``files``.
     id_map_checksum: tuple = ()
     embeddings_checksum: tuple = ()
+    # The shard's items by how their vectors came about (pipelines/reuse.py): {reused,encoded}_{text,image}.
+    # Per modality, reused + encoded = the shard's items with that vector.
+    vectors: tuple = ()  # ((name, count), ...) sorted by name
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
-        del out["id_map_checksum"], out["embeddings_checksum"]
+        del out["id_map_checksum"], out["embeddings_checksum"], out["vectors"]
         return out
 
     def file_entries(self) -> dict:
@@ -67,6 +71,27 @@ class IndexedItem:
     text_embedding: Optional[np.ndarray]
     image_embedding: Optional[np.ndarray]
     embedding: np.ndarray
+    # Content keys for later incremental runs (schemas/embeddings.py) and whether each vector was reused.
+    text_sha256: Optional[str] = None
+    image_sha256: Optional[str] = None
+    image_uri: Optional[str] = None
+    image_version: Optional[str] = None
+    text_reused: bool = False
+    image_reused: bool = False
+
+
+VECTOR_COUNTS = progress.VECTOR_COUNTERS  # the manifest's counts and the Beam counters of the same names
+
+
+def vector_counts(items: Sequence[IndexedItem]) -> dict:
+    """{reused,encoded}_{text,image}: how many of ``items`` have each vector, by whether it was reused."""
+    out = dict.fromkeys(VECTOR_COUNTS, 0)
+    for it in items:
+        if it.text_embedding is not None:
+            out["reused_text" if it.text_reused else "encoded_text"] += 1
+        if it.image_embedding is not None:
+            out["reused_image" if it.image_reused else "encoded_image"] += 1
+    return out
 
 
 def build_annoy(vectors: Sequence[np.ndarray], dim: int, trees: int, seed: int, path: str) -> None:
@@ -122,9 +147,14 @@ def write_shard(items: Sequence[IndexedItem], index: int, num_shards: int, dim: 
             vectors([it.embedding for it in items]),
             pa.array([index] * len(items), pa.int32()),
             annoy_ids,
+            # A key only where its vector is: no text vector, no text_sha256; no image vector, no image_sha256.
+            pa.array([it.text_sha256 if it.text_embedding is not None else None for it in items], pa.string()),
+            pa.array([it.image_sha256 if it.image_embedding is not None else None for it in items], pa.string()),
+            pa.array([it.image_uri for it in items], pa.string()),
+            pa.array([it.image_version for it in items], pa.string()),
         ],
         schema=emb.EMBEDDINGS_SCHEMA,
     )
     embeddings_checksum = files.write_parquet(files.join(version_dir, paths["embeddings"]), table)
     return ShardInfo(index, paths["path"], len(items), size, sha, paths["id_map"], paths["embeddings"],
-                     id_map_checksum, embeddings_checksum)
+                     id_map_checksum, embeddings_checksum, tuple(sorted(vector_counts(items).items())))

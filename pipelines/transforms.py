@@ -28,6 +28,7 @@ from embedding import fusion as fus
 from embedding import images
 from pipelines import inference
 from pipelines import progress
+from pipelines import reuse
 from pipelines import shards as shd
 from pipelines.publication import failpoint
 from schemas import catalog as cat
@@ -59,6 +60,7 @@ class CatalogRow(NamedTuple):
     source: str
     row: int
     problem: Optional[str] = None
+    image_version: Optional[str] = None  # the optional catalog column, as a string (schemas/catalog.py)
 
 
 class Rejection(NamedTuple):
@@ -93,6 +95,11 @@ class EncodedItem:
     row: CatalogRow
     text_embedding: Optional[np.ndarray]
     image_embedding: Optional[np.ndarray]
+    # Content keys (schemas/embeddings.py) and whether each vector came from a previous version.
+    text_sha256: Optional[str] = None
+    image_sha256: Optional[str] = None
+    text_reused: bool = False
+    image_reused: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -145,11 +152,19 @@ class _ReadRowGroup(beam.DoFn):
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             pf = pq.ParquetFile(f)
             wanted = [c for c in cat.COLUMNS if pf.schema_arrow.get_field_index(c) >= 0]
-            table = pf.read_row_group(group, columns=wanted)
+            has_version = pf.schema_arrow.get_field_index(cat.IMAGE_VERSION) >= 0
+            table = pf.read_row_group(group, columns=wanted + ([cat.IMAGE_VERSION] if has_version else []))
         n = table.num_rows
         problems = {}  # row index in the group -> messages, in column order
         columns = {c: (_decode_column(table.column(c), c, path, first, problems) if c in wanted else [None] * n)
                    for c in cat.COLUMNS}
+        versions = [None] * n
+        if has_version:
+            column = table.column(cat.IMAGE_VERSION)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                versions = _decode_column(column, cat.IMAGE_VERSION, path, first, problems)
+            else:
+                versions = cat.image_version_values(column)
         for i in range(n):
             yield CatalogRow(
                 columns[cat.ITEM_ID][i],
@@ -159,6 +174,7 @@ class _ReadRowGroup(beam.DoFn):
                 path,
                 first + i,
                 "; ".join(problems[i]) if i in problems else None,
+                versions[i],
             )
         self._read.inc(n)
         progress.add(progress.ROWS_READ, n)
@@ -257,32 +273,70 @@ def _cut_batches(element, batch_size):
         yield bucket, rows[start:start + batch_size]
 
 
-class BatchItems(beam.PTransform):
-    """CatalogRow -> (bucket, [CatalogRow]): deterministic batches of at most batch_size items."""
+def _cut_batches_with_previous(element, batch_size):
+    """Like _cut_batches, each batch with {item_id: reuse.Previous} of its items that have a previous row
+    (the previous rows of items no longer in the catalog end here)."""
+    bucket, joined = element
+    previous = dict(joined["previous"])
+    for _, rows in _cut_batches((bucket, joined["rows"]), batch_size):
+        yield bucket, rows, {r.item_id: previous[r.item_id] for r in rows if r.item_id in previous}
 
-    def __init__(self, num_buckets: int, batch_size: int):
+
+def batch_rows(batch) -> list:
+    """The rows of a batch: (bucket, rows) or, in an incremental run, (bucket, rows, previous)."""
+    return batch[1]
+
+
+def batch_previous(batch) -> dict:
+    """{item_id: reuse.Previous} of a batch's items with a previous row ({} in a full run)."""
+    return batch[2] if len(batch) > 2 else {}
+
+
+class BatchItems(beam.PTransform):
+    """CatalogRow -> (bucket, [CatalogRow]): deterministic batches of at most batch_size items.
+
+    With ``previous`` ((item_id, reuse.Previous) of a previous version, pipelines/reuse.py), each batch
+    is (bucket, rows, {item_id: Previous}) for its items that have one. The batches are the same
+    either way: they depend on the catalog only.
+    """
+
+    def __init__(self, num_buckets: int, batch_size: int, previous=None):
         super().__init__()
         self._num_buckets = num_buckets
         self._batch_size = batch_size
+        self._previous = previous
 
     def expand(self, items):
         nb, size = self._num_buckets, self._batch_size
+        keyed = items | "KeyByBucket" >> beam.Map(lambda r: (shd.stable_shard(r.item_id, nb), r))
+        if self._previous is None:
+            return (
+                keyed
+                | "GroupByBucket" >> beam.GroupByKey()
+                | "CutBatches" >> beam.FlatMap(_cut_batches, size)
+            )
+        previous = self._previous | "KeyPreviousByBucket" >> beam.Map(lambda kv: (shd.stable_shard(kv[0], nb), kv))
         return (
-            items
-            | "KeyByBucket" >> beam.Map(lambda r: (shd.stable_shard(r.item_id, nb), r))
-            | "GroupByBucket" >> beam.GroupByKey()
-            | "CutBatches" >> beam.FlatMap(_cut_batches, size)
+            {"rows": keyed, "previous": previous}
+            | "GroupByBucket" >> beam.CoGroupByKey()
+            | "CutBatches" >> beam.FlatMap(_cut_batches_with_previous, size)
         )
 
 
 class _LoadImages(beam.DoFn):
-    """(bucket, rows) -> [(item_id, float32 [h, w, 3])] for the batch, and one failure per bad image.
+    """(bucket, rows[, previous]) -> [(item_id, float32 [h, w, 3])] for the batch, and one failure per bad image.
 
     Fetching and decoding run in a small thread pool: fetches wait on the
-    network or GCS, and Pillow releases the GIL while it decodes.
+    network or GCS, and Pillow releases the GIL while it decodes. Tagged
+    outputs: FAILED (item_id, (reason, message)); KEYS (item_id, sha256 of the
+    decoded bytes); REUSED (item_id, (previous vector, its image_sha256)) for
+    images unchanged since the previous version (pipelines/reuse.py), which are
+    not decoded, and not even fetched when their (image_uri, image_version) match.
     """
 
     FAILED = "failed"
+    KEYS = "image_keys"
+    REUSED = "image_reused"
     THREADS = 8
 
     def __init__(self, size, max_pixels, fetch_options=None):
@@ -291,6 +345,7 @@ class _LoadImages(beam.DoFn):
         # images.load_image keywords: timeout, allow_private_hosts, image_root.
         self._fetch_options = dict(fetch_options or {})
         self._loaded = progress.counter(progress.IMAGES_LOADED)
+        self._not_fetched = progress.counter(progress.IMAGES_NOT_FETCHED)
         self._pool = None
 
     def setup(self):
@@ -302,24 +357,47 @@ class _LoadImages(beam.DoFn):
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
-    def _load(self, row):
+    def _load(self, job):
+        """(row, previous) -> (array or None, sha256 of the bytes or None, failure or None).
+
+        images.load_image in its three steps, so that bytes equal to the previous version's are
+        neither decoded nor encoded (array None, sha256 set, no failure).
+        """
+        row, previous = job
+        uri = row.image_uri.strip()
         try:
-            return images.load_image(row.image_uri.strip(), self._size, max_pixels=self._max_pixels,
-                                     **self._fetch_options), None
+            data = images.fetch_image_bytes(uri, **self._fetch_options)
+            sha = hashlib.sha256(data).hexdigest()
+            if reuse.image_unchanged_by_bytes(previous, sha):
+                return None, sha, None
+            img = images.decode_image(data, max_pixels=self._max_pixels, uri=uri, min_size=self._size)
+            return images.to_model_input(img, self._size), sha, None
         except images.ImageError as e:
-            return None, (e.reason, str(e))
+            return None, None, (e.reason, str(e))
         except Exception as e:  # an image library bug must not take the run down
-            return None, (rej.IMAGE_DECODE_FAILED, brief(e))
+            return None, None, (rej.IMAGE_DECODE_FAILED, brief(e))
 
     def process(self, element):
-        _, rows = element
-        rows = [r for r in rows if not _blank(r.image_uri)]
+        previous = batch_previous(element)
+        jobs = []
+        for row in batch_rows(element):
+            if _blank(row.image_uri):
+                continue
+            before = previous.get(row.item_id)
+            if reuse.image_unchanged_by_version(before, row.image_uri, row.image_version):
+                self._not_fetched.inc()
+                yield beam.pvalue.TaggedOutput(self.REUSED, (row.item_id, (before.image_embedding, before.image_sha256)))
+            else:
+                jobs.append((row, before))
         loaded = []
-        for row, (array, failure) in zip(rows, self._pool.map(self._load, rows)):
+        for (row, before), (array, sha, failure) in zip(jobs, self._pool.map(self._load, jobs)):
             if failure is not None:
                 yield beam.pvalue.TaggedOutput(self.FAILED, (row.item_id, failure))
+            elif array is None:
+                yield beam.pvalue.TaggedOutput(self.REUSED, (row.item_id, (before.image_embedding, sha)))
             else:
                 loaded.append((row.item_id, array))
+                yield beam.pvalue.TaggedOutput(self.KEYS, (row.item_id, sha))
         if loaded:
             self._loaded.inc(len(loaded))
             progress.add(progress.IMAGES_LOADED, len(loaded))
@@ -331,11 +409,18 @@ def text_key(text: str) -> str:
 
 
 def _texts_by_key(element):
-    _, rows = element
-    for r in rows:
+    """(text key, (item_id, text)) per item to encode; tagged REUSED (item_id, vector) per item whose
+    text is the one its previous vector was computed from (pipelines/reuse.py)."""
+    previous = batch_previous(element)
+    for r in batch_rows(element):
         text = item_text(r)
         if text is not None:
-            yield text_key(text), (r.item_id, text)
+            key = text_key(text)
+            vector = reuse.text_vector(previous.get(r.item_id), key)
+            if vector is not None:
+                yield beam.pvalue.TaggedOutput(_EncodeTexts.REUSED, (r.item_id, vector))
+            else:
+                yield key, (r.item_id, text)
 
 
 def _cut_text_batches(element, batch_size):
@@ -359,17 +444,26 @@ def _fan_out_texts(element):
             yield item_id, joined["vector"][0]
 
 
+class _KeyTexts(beam.DoFn):
+    """_texts_by_key as a DoFn (Beam's type inference reads a FlatMap's tagged outputs as its main type)."""
+
+    def process(self, element):
+        yield from _texts_by_key(element)
+
+
 class _EncodeTexts(beam.PTransform):
     """Encodes each distinct text once, in deterministic length-sorted batches.
 
     Catalogs repeat texts (variants sharing a title and description; the
     Grocery train split has 81 distinct texts for 2,640 items), and the text
     encoder costs as much as the image encoder, so identical texts are grouped
-    by sha256 and encoded once. Outputs (item_id, vector) and, tagged FAILED,
-    (item_id, (reason, message)).
+    by sha256 and encoded once. Outputs {"vectors": (item_id, vector), FAILED:
+    (item_id, (reason, message)), REUSED: (item_id, previous vector)}; reused
+    texts never reach the encoder.
     """
 
     FAILED = "failed"
+    REUSED = "text_reused"
 
     def __init__(self, handler, num_buckets, batch_size):
         super().__init__()
@@ -379,11 +473,8 @@ class _EncodeTexts(beam.PTransform):
 
     def expand(self, batches):
         nb = self._num_buckets
-        by_text = (
-            batches
-            | "KeyTexts" >> beam.FlatMap(_texts_by_key)
-            | "GroupByText" >> beam.GroupByKey()
-        )
+        keyed = batches | "KeyTexts" >> beam.ParDo(_KeyTexts()).with_outputs(self.REUSED, main="texts")
+        by_text = keyed.texts | "GroupByText" >> beam.GroupByKey()
         unique_batches = (
             by_text
             | "KeyTextBuckets" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % nb, (kv[0], next(iter(kv[1]))[1])))
@@ -391,7 +482,7 @@ class _EncodeTexts(beam.PTransform):
             | "CutTextBatches" >> beam.FlatMap(_cut_text_batches, self._batch_size)
         )
         vectors, dlq = unique_batches | "RunTextEncoder" >> RunInference(self._handler).with_exception_handling()
-        return (
+        fanned = (
             {
                 "items": by_text | "ListItems" >> beam.Map(lambda kv: (kv[0], [item_id for item_id, _ in kv[1]])),
                 "vector": vectors,
@@ -400,6 +491,7 @@ class _EncodeTexts(beam.PTransform):
             | "JoinTextVectors" >> beam.CoGroupByKey()
             | "FanOutTexts" >> beam.FlatMap(_fan_out_texts).with_outputs(self.FAILED, main="vectors")
         )
+        return {"vectors": fanned.vectors, self.FAILED: fanned[self.FAILED], self.REUSED: keyed[self.REUSED]}
 
 
 def _failure_text(exc) -> str:
@@ -440,7 +532,10 @@ class _Assemble(beam.DoFn):
         image = dict(joined["image"])
         image_failed = dict(joined["image_failed"])
         encode_failed = dict(joined["encode_failed"])
-        for batch in sorted(joined["batch"], key=lambda rows: rows[0].item_id):
+        text_reused = dict(joined["text_reused"])
+        image_reused = dict(joined["image_reused"])
+        image_keys = dict(joined["image_keys"])
+        for batch, text_keys in sorted(joined["batch"], key=lambda b: b[0][0].item_id):
             out = []
             for row in batch:
                 if row.item_id in encode_failed:
@@ -454,9 +549,30 @@ class _Assemble(beam.DoFn):
                         continue
                     yield beam.pvalue.TaggedOutput(
                         DEGRADED, reject(row, reason, message + "; indexed from text alone"))
-                out.append(EncodedItem(row, t, image.get(row.item_id)))
+                reused_text = text_reused.get(row.item_id)
+                if reused_text is not None:
+                    t = reused_text
+                reused_image = image_reused.get(row.item_id)
+                if reused_image is not None:
+                    img, image_sha = reused_image
+                else:
+                    img, image_sha = image.get(row.item_id), image_keys.get(row.item_id)
+                out.append(EncodedItem(row, t, img,
+                                       text_sha256=text_keys.get(row.item_id) if t is not None else None,
+                                       image_sha256=image_sha if img is not None else None,
+                                       text_reused=reused_text is not None, image_reused=reused_image is not None))
             if out:
                 yield out
+
+
+def _slim_batch(batch):
+    rows = batch_rows(batch)
+    keys = {}
+    for r in rows:
+        text = item_text(r)
+        if text is not None:
+            keys[r.item_id] = text_key(text)
+    return batch[0], ([r._replace(description=None) for r in rows], keys)
 
 
 class EncodeItems(beam.PTransform):
@@ -464,7 +580,8 @@ class EncodeItems(beam.PTransform):
 
     Input: deterministic batches from BatchItems. Outputs {"items": [EncodedItem]
     per batch, "rejected": Rejection, "degraded": Rejection, "images": the loaded
-    pixels per batch}.
+    pixels per batch}. Batches that carry previous rows (BatchItems with
+    ``previous``) reuse those vectors by pipelines/reuse.py's rules.
     """
 
     def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int, batch_size: int = 32,
@@ -495,7 +612,8 @@ class EncodeItems(beam.PTransform):
 
         texts = batches | "EncodeTexts" >> _EncodeTexts(self._text, nb, self._batch_size)
         loaded = batches | "LoadImages" >> beam.ParDo(
-            _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(_LoadImages.FAILED, main="arrays")
+            _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(
+            _LoadImages.FAILED, _LoadImages.KEYS, _LoadImages.REUSED, main="arrays")
         image_vectors, image_dlq = (
             loaded.arrays | "EncodeImages" >> RunInference(self._image).with_exception_handling())
         encode_failed = (
@@ -503,13 +621,16 @@ class EncodeItems(beam.PTransform):
              image_dlq.failed_inferences | "ExplodeFailedImages" >> beam.FlatMap(_failed_batch))
             | "FlattenEncoderFailures" >> beam.Flatten()
         )
-        # The join needs ids, titles and provenance, not the descriptions: leave them behind.
-        slim = batches | "DropDescriptions" >> beam.Map(
-            lambda b: (b[0], [r._replace(description=None) for r in b[1]]))
+        # The join needs ids, titles and provenance, not the descriptions nor the previous vectors: leave
+        # them behind, keeping each text's sha256 (the embeddings table's text_sha256).
+        slim = batches | "DropDescriptions" >> beam.Map(_slim_batch)
         joined = (
             {
                 "batch": slim,
-                "text": texts.vectors | "BucketTexts" >> beam.Map(by_bucket),
+                "text": texts["vectors"] | "BucketTexts" >> beam.Map(by_bucket),
+                "text_reused": texts[_EncodeTexts.REUSED] | "BucketReusedTexts" >> beam.Map(by_bucket),
+                "image_reused": loaded[_LoadImages.REUSED] | "BucketReusedImages" >> beam.Map(by_bucket),
+                "image_keys": loaded[_LoadImages.KEYS] | "BucketImageKeys" >> beam.Map(by_bucket),
                 "image": image_vectors | "BucketImages" >> beam.Map(by_bucket),
                 "image_failed": loaded[_LoadImages.FAILED] | "BucketImageFailures" >> beam.Map(by_bucket),
                 "encode_failed": encode_failed | "BucketEncoderFailures" >> beam.Map(by_bucket),
@@ -553,7 +674,12 @@ class _Fuse(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(
                     REJECTED, reject(it.row, rej.EMPTY_EMBEDDING, "fused vector is zero or not finite"))
                 continue
-            yield shd.IndexedItem(it.row.item_id, it.row.title, it.text_embedding, it.image_embedding, fused[i])
+            row = it.row
+            yield shd.IndexedItem(row.item_id, row.title, it.text_embedding, it.image_embedding, fused[i],
+                                  text_sha256=it.text_sha256, image_sha256=it.image_sha256,
+                                  image_uri=None if _blank(row.image_uri) else row.image_uri,
+                                  image_version=row.image_version, text_reused=it.text_reused,
+                                  image_reused=it.image_reused)
         self._fused.inc(int(ok.sum()))
         progress.add(progress.ITEMS_FUSED, int(ok.sum()))
 
@@ -618,14 +744,37 @@ def _sampled_pixels(loaded, chosen):
 
 def _sampled_vectors(item, chosen):
     if item.item_id in chosen:
-        yield item.item_id, (item.text_embedding, item.image_embedding, item.embedding)
+        yield item.item_id, ((item.text_embedding, item.image_embedding, item.embedding),
+                             (item.image_uri, item.image_sha256))
 
 
-def _to_query_sample(element) -> QuerySample:
+def _reload_pixels(item_id, uri, sha, image_options) -> Optional[np.ndarray]:
+    """The pixels of a sampled item whose image vector was reused (never decoded in this run): fetched
+    again and decoded when the bytes are still the ones the vector came from, else None (then the
+    query encoder's image parity leaves the item out)."""
+    size, max_pixels, fetch_options = image_options
+    try:
+        data = images.fetch_image_bytes(uri.strip(), **fetch_options)
+        if hashlib.sha256(data).hexdigest() != sha:
+            _log.info("query sample: the image of %s changed since its vector was computed; left out of the "
+                      "image parity check", item_id)
+            return None
+        img = images.decode_image(data, max_pixels=max_pixels, uri=uri, min_size=size)
+        return np.round(images.to_model_input(img, size) * 255.0).astype(np.uint8)
+    except Exception as e:  # the check loses one item, the run goes on
+        _log.info("query sample: the image of %s cannot be read again (%s); left out of the image parity "
+                  "check", item_id, brief(e))
+        return None
+
+
+def _to_query_sample(element, image_options=None) -> QuerySample:
     item_id, joined = element
     texts, pixels = list(joined["text"]), list(joined["pixels"])
-    (vectors,) = joined["vectors"]
-    return QuerySample(item_id, texts[0] if texts else None, pixels[0] if pixels else None, *vectors)
+    ((vectors, (uri, sha)),) = joined["vectors"]
+    pixel = pixels[0] if pixels else None
+    if pixel is None and vectors[1] is not None and uri is not None and sha is not None and image_options:
+        pixel = _reload_pixels(item_id, uri, sha, image_options)
+    return QuerySample(item_id, texts[0] if texts else None, pixel, *vectors)
 
 
 class SampleQueryInputs(beam.PTransform):
@@ -634,11 +783,16 @@ class SampleQueryInputs(beam.PTransform):
     Input: {"batches": BatchItems' output, "images": EncodeItems' "images", "items":
     FuseEmbeddings' items}. The items are the indexed ones with the smallest
     ``sample_rank``, so reruns check the same items. Output: QuerySample.
+
+    ``image_options`` (image size, max pixels, images.fetch_image_bytes keywords): in an incremental
+    run, a sampled item whose image vector was reused has no pixels in "images"; its image is then
+    read again (see _reload_pixels). Without them such an item's pixels stay None.
     """
 
-    def __init__(self, size: int = QUERY_SAMPLE_SIZE):
+    def __init__(self, size: int = QUERY_SAMPLE_SIZE, image_options: Optional[tuple] = None):
         super().__init__()
         self._size = size
+        self._image_options = image_options
 
     def expand(self, inputs):
         chosen = beam.pvalue.AsSingleton(
@@ -653,7 +807,7 @@ class SampleQueryInputs(beam.PTransform):
                 "vectors": inputs["items"] | "SampleVectors" >> beam.FlatMap(_sampled_vectors, chosen),
             }
             | "JoinSample" >> beam.CoGroupByKey()
-            | "MakeQuerySamples" >> beam.Map(_to_query_sample)
+            | "MakeQuerySamples" >> beam.Map(_to_query_sample, self._image_options)
         )
 
 
@@ -665,6 +819,8 @@ class _BuildShard(beam.DoFn):
     def __init__(self, num_shards, dim, trees, seed, version_dir):
         self._args = (num_shards, dim, trees, seed, version_dir)
         self._indexed = progress.counter(progress.ITEMS_INDEXED)
+        # Counted where the shard is written, from its items: exactly what the manifest counts.
+        self._vectors = {name: progress.counter(name) for name in progress.VECTOR_COUNTERS}
 
     def process(self, element):
         index, joined = element
@@ -673,6 +829,9 @@ class _BuildShard(beam.DoFn):
         failpoint("after_shard")
         self._indexed.inc(info.count)
         progress.add(progress.ITEMS_INDEXED, info.count)
+        for name, n in info.vectors:
+            self._vectors[name].inc(n)
+            progress.add(name, n)
         _log.info("built shard %d/%d: %d items, %d bytes", index + 1, num_shards, info.count, info.size)
         yield info
 

@@ -17,6 +17,9 @@ from schemas import layout
 FORMAT_VERSION = 2
 MANIFEST_FILE = layout.MANIFEST_FILE
 LATEST_FILE = layout.LATEST_FILE
+# Indexed items by how each vector came about (incremental runs); per modality reused + encoded = the
+# indexed items with that vector (both are counted from the items each shard wrote).
+VECTOR_COUNTS = ("reused_text", "encoded_text", "reused_image", "encoded_image")
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "manifest.schema.json")
 
 
@@ -47,6 +50,15 @@ def validate_manifest(manifest: dict) -> None:
         problems.append("degraded_by_reason does not sum to degraded")
     if counts["degraded"] > counts["indexed"]:
         problems.append("more degraded than indexed items")
+    vectors = [k for k in VECTOR_COUNTS if k in counts]
+    if vectors and len(vectors) != len(VECTOR_COUNTS):
+        problems.append(f"counts has {', '.join(vectors)} but not all of {', '.join(VECTOR_COUNTS)}")
+    elif vectors:
+        for modality in ("text", "image"):
+            with_vector = counts[f"reused_{modality}"] + counts[f"encoded_{modality}"]
+            if with_vector > counts["indexed"]:
+                problems.append(f"reused_{modality} + encoded_{modality} = {with_vector} is more than indexed "
+                                f"{counts['indexed']}")
     shard_total = sum(s["count"] for s in manifest["shards"])
     if shard_total != counts["indexed"]:
         problems.append(f"shard counts sum to {shard_total}, indexed is {counts['indexed']}")

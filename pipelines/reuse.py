@@ -1,0 +1,251 @@
+"""Incremental runs: reusing a previous version's vectors for the items that did not change.
+
+``resolve`` picks the source before the pipeline is built: ``--no-reuse`` none;
+``--reuse-from DIR`` that version, release or output root, refused with
+ConfigError when it cannot be used; by default the release LATEST names under
+``--output``, skipped with one log line when it cannot be used. A source is used
+only when it verifies (its manifest, then every file's size and sha256), its
+embeddings table has the content keys (schemas/embeddings.py) and it was built
+with the same vector settings (options.vector_identity: encoders, fusion,
+dimension, the options in options.VECTOR_OPTIONS, preprocessing). It is used
+whole or not at all.
+
+``ReadPrevious`` reads its embeddings table into ``(item_id, Previous)``; the
+rules below decide per item (pipelines/transforms.py applies them):
+
+- text: reused when the sha256 of item_text equals the previous row's
+  ``text_sha256`` for the same item_id;
+- image: reused without a fetch when (image_uri, image_version) equal the
+  previous row's and neither version is null; otherwise fetched, and reused
+  without decoding or encoding when the bytes' sha256 equals ``image_sha256``.
+
+Everything else is encoded as in a full run. The inputs digest does not depend
+on reuse; the manifest's ``reuse`` says where vectors came from.
+"""
+
+import dataclasses
+import logging
+from typing import NamedTuple, Optional
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from schemas.errors import CatalogIndexError, ConfigError, brief
+from pipelines import files
+from pipelines import options as opt
+from pipelines import publication as pub
+from schemas import embeddings as emb
+from schemas import layout
+
+_log = logging.getLogger(__name__)
+
+_COLUMNS = [emb.ITEM_ID, emb.TEXT_EMBEDDING, emb.IMAGE_EMBEDDING, *emb.CONTENT_KEYS]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A verified previous release whose vectors this run may reuse."""
+
+    version: str
+    release: str
+    release_dir: str
+    embeddings: tuple  # full paths of its embeddings table's parts
+    items: int
+
+    def to_json(self) -> dict:
+        """The manifest's ``reuse.source``."""
+        return {"version": self.version, "release": self.release}
+
+    def describe(self) -> str:
+        return f"{self.version}/{self.release}"
+
+
+class Previous(NamedTuple):
+    """One item's row of the previous embeddings table: its content keys and vectors."""
+
+    text_sha256: Optional[str]
+    text_embedding: Optional[np.ndarray]
+    image_sha256: Optional[str]
+    image_uri: Optional[str]
+    image_version: Optional[str]
+    image_embedding: Optional[np.ndarray]
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def text_vector(previous: Optional[Previous], text_sha256: str) -> Optional[np.ndarray]:
+    """The previous text vector when the text the encoder would see is the same, else None."""
+    if previous is None or previous.text_embedding is None or previous.text_sha256 is None:
+        return None
+    return previous.text_embedding if previous.text_sha256 == text_sha256 else None
+
+
+def image_unchanged_by_version(previous: Optional[Previous], image_uri: Optional[str],
+                               image_version: Optional[str]) -> bool:
+    """Same (image_uri, image_version), neither version null, and a previous image vector: no fetch at all."""
+    return (previous is not None and previous.image_embedding is not None and image_version is not None
+            and previous.image_version == image_version and previous.image_uri == image_uri)
+
+
+def image_unchanged_by_bytes(previous: Optional[Previous], image_sha256: str) -> bool:
+    """The fetched bytes are the ones the previous image vector was computed from."""
+    return (previous is not None and previous.image_embedding is not None
+            and previous.image_sha256 is not None and previous.image_sha256 == image_sha256)
+
+
+# --------------------------------------------------------------------------- choosing the source
+
+
+class _Unusable(Exception):
+    """Why a previous release cannot be reused (one line)."""
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def differences(previous, current, path: str = "") -> list:
+    """'key: previous X, this run Y' for every leaf where two vector identities differ."""
+    if isinstance(previous, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(previous) | set(current)):
+            out.extend(differences(previous.get(key), current.get(key), f"{path}.{key}" if path else key))
+        return out
+    if previous == current:
+        return []
+    return [f"{path}: previous {_short(previous)}, this run {_short(current)}"]
+
+
+def _locate(path: str) -> tuple:
+    """(release folder, pointer or None) that --reuse-from names; ConfigError when it names none."""
+    path = path.rstrip("/")
+    try:
+        if files.exists(files.join(path, layout.MANIFEST_FILE)):
+            return path, None
+        for name, base in ((layout.CURRENT_FILE, None), (layout.LATEST_FILE, path)):
+            pointer_path = files.join(path, name)
+            if files.exists(pointer_path):
+                pointer, _ = pub.read_pointer(pointer_path)
+                if pointer is None:
+                    break
+                return (files.join(path, pointer.release) if base is None else files.join(base, pointer.path)), pointer
+    except CatalogIndexError as e:
+        raise ConfigError(f"--reuse-from {path}: cannot read its pointer ({e})") from None
+    raise ConfigError(f"--reuse-from {path}: neither a version folder (with {layout.CURRENT_FILE}), a release folder "
+                      f"(with {layout.MANIFEST_FILE}) nor an output root (with {layout.LATEST_FILE})")
+
+
+def _check(plan, release_dir: str, pointer) -> Source:
+    """The Source for a release, or _Unusable saying why not. Cheap checks first, checksums last."""
+    try:
+        manifest = pub.verify_release(release_dir, pointer, checksums=False).manifest
+        parts = tuple(files.join(release_dir, p) for p in manifest["tables"]["embeddings"])
+        for part in parts:
+            with FileSystems.open(part, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+            missing = [c for c in emb.CONTENT_KEYS if c not in names]
+            if missing:
+                raise _Unusable(f"its embeddings table has no content keys ({', '.join(missing)}): "
+                                f"it was written before incremental runs")
+        previous = opt.vector_identity(manifest["encoders"], manifest["fusion"], manifest["dimension"],
+                                       manifest.get("options") or {},
+                                       (manifest.get("reuse") or {}).get("preprocessing"))
+        changed = differences(previous, plan.vector_identity())
+        if changed:
+            raise _Unusable("built with other vector settings: " + "; ".join(changed))
+        pub.verify_release(release_dir, pointer, checksums=True)
+    except _Unusable:
+        raise
+    except CatalogIndexError as e:
+        raise _Unusable(f"it does not verify: {e}") from None
+    except Exception as e:  # unreadable in any other way: never half-used
+        raise _Unusable(f"it cannot be read: {brief(e)}") from None
+    return Source(manifest["version"], manifest["release"], release_dir, parts, manifest["counts"]["indexed"])
+
+
+def resolve(plan, reuse_from: Optional[str] = None, no_reuse: bool = False) -> Optional[Source]:
+    """The previous release whose vectors the run reuses, or None for a full encode (see the module)."""
+    if no_reuse:
+        _log.info("--no-reuse: every item is encoded")
+        return None
+    if reuse_from:
+        release_dir, pointer = _locate(reuse_from)
+        try:
+            source = _check(plan, release_dir, pointer)
+        except _Unusable as e:
+            raise ConfigError(f"--reuse-from {reuse_from}: cannot reuse its vectors: {e}; name another version "
+                              f"or pass --no-reuse") from None
+    else:
+        latest = files.join(plan.output, layout.LATEST_FILE)
+        try:
+            pointer, _ = pub.read_pointer(latest)
+        except Exception as e:  # a damaged LATEST is not this run's problem: encode everything
+            _log.warning("not reusing vectors: %s cannot be read (%s); every item is encoded", latest, brief(e))
+            return None
+        if pointer is None:
+            _log.info("no previous version under %s (no %s): every item is encoded", plan.output, layout.LATEST_FILE)
+            return None
+        try:
+            source = _check(plan, files.join(plan.output, pointer.path), pointer)
+        except _Unusable as e:
+            _log.warning("not reusing vectors of LATEST (%s): %s; every item is encoded", pointer.path, e)
+            return None
+    _log.info("reusing the vectors of unchanged items from %s (%d items)", source.describe(), source.items)
+    return source
+
+
+# --------------------------------------------------------------------------- reading the previous vectors
+
+
+def _vectors(column) -> list:
+    """A list<float32> column as [np.ndarray or None], from one flat buffer (no per-value Python floats)."""
+    array = column.combine_chunks()
+    if len(array) == 0:
+        return []
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]].copy() if valid[i] else None for i in range(len(array))]
+
+
+class _ListRowGroups(beam.DoFn):
+    def process(self, path):
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            groups = pq.ParquetFile(f).metadata.num_row_groups
+        for group in range(groups):
+            yield path, group
+
+
+class _ReadRowGroup(beam.DoFn):
+    def process(self, element):
+        path, group = element
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            table = pq.ParquetFile(f).read_row_group(group, columns=_COLUMNS)
+        ids = table.column(emb.ITEM_ID).to_pylist()
+        text, image = _vectors(table.column(emb.TEXT_EMBEDDING)), _vectors(table.column(emb.IMAGE_EMBEDDING))
+        keys = {c: table.column(c).to_pylist() for c in emb.CONTENT_KEYS}
+        for i, item_id in enumerate(ids):
+            yield item_id, Previous(keys[emb.TEXT_SHA256][i], text[i], keys[emb.IMAGE_SHA256][i],
+                                    keys[emb.IMAGE_URI][i], keys[emb.IMAGE_VERSION][i], image[i])
+
+
+class ReadPrevious(beam.PTransform):
+    """A previous release's embeddings table -> (item_id, Previous), read in parallel by row group."""
+
+    def __init__(self, paths):
+        super().__init__()
+        self._paths = sorted(paths)
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ListPreviousParts" >> beam.Create(self._paths)
+            | "ListPreviousRowGroups" >> beam.ParDo(_ListRowGroups())
+            | "SpreadPreviousRowGroups" >> beam.Reshuffle()
+            | "ReadPreviousRows" >> beam.ParDo(_ReadRowGroup())
+        )
