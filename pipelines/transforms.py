@@ -541,7 +541,8 @@ class _Assemble(beam.DoFn):
                 if row.item_id in encode_failed:
                     yield beam.pvalue.TaggedOutput(REJECTED, reject(row, *encode_failed[row.item_id]))
                     continue
-                t = text.get(row.item_id)
+                reused_text = text_reused.get(row.item_id)
+                t = reused_text if reused_text is not None else text.get(row.item_id)
                 if row.item_id in image_failed:
                     reason, message = image_failed[row.item_id]
                     if self._reject_on_image_error or t is None or _blank(row.title):
@@ -549,9 +550,6 @@ class _Assemble(beam.DoFn):
                         continue
                     yield beam.pvalue.TaggedOutput(
                         DEGRADED, reject(row, reason, message + "; indexed from text alone"))
-                reused_text = text_reused.get(row.item_id)
-                if reused_text is not None:
-                    t = reused_text
                 reused_image = image_reused.get(row.item_id)
                 if reused_image is not None:
                     img, image_sha = reused_image
