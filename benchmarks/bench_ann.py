@@ -2,15 +2,18 @@
 
 For each dataset (see _ann_data.py): exact top 10 by float32 matmul in blocks (the ground truth), then
 
-* ``annoy-1`` / ``annoy-4``: shards built with ``pipelines.shards.write_shard`` exactly as the pipeline
-  does (angular, seed 0, 10 trees by default, single-threaded build, items assigned with
-  ``stable_shard``), in a fresh child process; searched with ``search.ann.ShardSet`` (the product's
-  code path: normalisation, fan-out over shards in a thread pool, merge). ``search_k`` is per shard.
+* ``annoy-<shards>-<trees>t`` (e.g. ``annoy-4-10t``): one method per combination of ``--shards`` and
+  ``--trees`` (several tree counts compare side by side in one run). Shards built with
+  ``pipelines.shards.write_shard`` exactly as the pipeline does (angular, seed 0, the pipeline's
+  default is 10 trees, single-threaded build, items assigned with ``stable_shard``), in a fresh child
+  process; searched with ``search.ann.ShardSet`` (the product's code path: normalisation, fan-out over
+  shards in a thread pool, merge). ``search_k`` is per shard. Build time and Annoy file size are
+  reported per combination.
 * ``hnswlib``: ``hnswlib.Index("ip")`` on the L2-normalised vectors, M=16, ef_construction=200,
   built with all cores.
 * ``faiss``: ``faiss.IndexHNSWFlat(dim, 16, METRIC_INNER_PRODUCT)``, efConstruction=200, all cores.
-* ``annoy-bare`` (side by side only): the 1-shard Annoy file searched with ``get_nns_by_vector``
-  directly, without ShardSet, at annoy-1's setting (what the wrapper costs).
+* ``annoy-bare-<trees>t`` (side by side only): the 1-shard Annoy file searched with
+  ``get_nns_by_vector`` directly, without ShardSet, at annoy-1-<trees>t's setting (what the wrapper costs).
 
 Query modes (1,000 held-out queries, k=10):
 
@@ -25,9 +28,12 @@ Query modes (1,000 held-out queries, k=10):
 A ladder of search_k / ef (factor sqrt 2) gives recall@10 and queries/s (batch modes, one measurement
 per rung); at the smallest rung reaching recall@10 >= 0.95 every method is then timed in every mode,
 interleaved, ``--repeats`` times; medians and the per-repeat ratio annoy / hnswlib (median) are reported.
+The 1-minute load average is sampled every 10 s through the run (the machine may be shared) and
+stored per phase in the JSON.
 
     .venv/bin/python benchmarks/bench_ann.py --json benchmarks/results/bench_ann-DATE.json
-    .venv/bin/python benchmarks/bench_ann.py --quick      # 20k synthetic vectors, < 2 min
+    .venv/bin/python benchmarks/bench_ann.py --datasets real --shards 4 --trees 10 50 100 --peers hnswlib
+    .venv/bin/python benchmarks/bench_ann.py --quick      # 10k synthetic vectors, 2 tree counts, < 2 min
 """
 
 import argparse
@@ -36,9 +42,11 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -59,6 +67,43 @@ MODES = ("batch-1t", "batch-all", "single-1t", "single-all")
 
 def log(*a):
     print(*a, flush=True)
+
+
+class LoadSampler:
+    """Samples the 1-minute load average every ``interval`` s in a daemon thread; ``phase`` marks spans."""
+
+    def __init__(self, interval=10.0):
+        self.t0 = time.perf_counter()
+        self.samples, self.phases = [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval):
+        while True:
+            try:
+                self.samples.append((round(time.perf_counter() - self.t0, 1), os.getloadavg()[0]))
+            except OSError:
+                return
+            if self._stop.wait(interval):
+                return
+
+    def phase(self, name):
+        self.phases.append((name, round(time.perf_counter() - self.t0, 1)))
+
+    def summary(self):
+        """Per phase: start/end seconds and min/median/max of the load samples taken in it."""
+        out, bounds = [], self.phases + [("end", round(time.perf_counter() - self.t0, 1))]
+        for (name, start), (_, end) in zip(bounds, bounds[1:]):
+            vals = [v for t, v in self.samples if start <= t <= end]
+            out.append({"phase": name, "start_s": start, "end_s": end,
+                        "load1_min": min(vals) if vals else None,
+                        "load1_median": _measure.median(vals) if vals else None,
+                        "load1_max": max(vals) if vals else None})
+        return out
+
+    def stop(self):
+        self._stop.set()
 
 
 def exact_topk(base: np.ndarray, queries: np.ndarray, k: int = K, block: int = 65536) -> np.ndarray:
@@ -108,8 +153,12 @@ def build_child(npy: str, skip: int, shards: int, trees: int, seed: int, out: st
                                   "per_shard_s": per_shard, "shards": infos}), flush=True)
 
 
+def annoy_name(shards, trees):
+    return f"annoy-{shards}-{trees}t"
+
+
 def build_annoy(npy, skip, shards, trees, seed, workdir):
-    out = os.path.join(workdir, f"annoy-{shards}")
+    out = os.path.join(workdir, annoy_name(shards, trees))
     cmd = [sys.executable, os.path.abspath(__file__), "--_build", npy, str(skip), str(shards), str(trees),
            str(seed), out]
     m = _measure.run_measured(cmd, interval=0.5, cwd=ROOT)
@@ -122,11 +171,22 @@ def build_annoy(npy, skip, shards, trees, seed, workdir):
     for info in res["shards"]:
         paths.append(os.path.join(out, info["path"]))
         id_maps.append(pq.read_table(os.path.join(out, info["id_map"])).column("item_id").to_pylist())
-    return {"paths": paths, "id_maps": id_maps, "build_s": res["write_shard_s"], "child_wall_s": m["wall_s"],
-            "child_maxrss_mib": m["maxrss_mib"], "per_shard_s": res["per_shard_s"],
-            "index_bytes": sum(i["size"] for i in res["shards"]),
-            "published_bytes": sum(os.path.getsize(os.path.join(dp, f))
-                                   for dp, _, fs in os.walk(out) for f in fs)}
+    published = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(out) for f in fs)
+    # The embeddings Parquet parts are not read by the benchmark: drop them (several combinations of a
+    # 1M dataset would otherwise hold several GiB of them in the temp dir at once).
+    for dp, _, fs in os.walk(out):
+        for f in fs:
+            full = os.path.join(dp, f)
+            if f.endswith(".parquet") and full not in info_paths(out, res["shards"]):
+                os.remove(full)
+    return {"shards": shards, "trees": trees, "paths": paths, "id_maps": id_maps, "build_s": res["write_shard_s"],
+            "child_wall_s": m["wall_s"], "child_maxrss_mib": m["maxrss_mib"], "per_shard_s": res["per_shard_s"],
+            "index_bytes": sum(i["size"] for i in res["shards"]), "published_bytes": published}
+
+
+def info_paths(out, infos):
+    """The files the benchmark keeps: Annoy files and id maps."""
+    return {os.path.join(out, i[key]) for i in infos for key in ("path", "id_map")}
 
 
 # ---------------------------------------------------------------- methods
@@ -168,7 +228,7 @@ class AnnoyBare:
     def __init__(self, built, dim):
         from annoy import AnnoyIndex
 
-        self.name = "annoy-bare"
+        self.name = f"annoy-bare-{built['trees']}t"
         self.index = AnnoyIndex(dim, "angular")
         self.index.load(built["paths"][0])
         self.param = None
@@ -282,13 +342,17 @@ def ladder_values(start, stop, steps_per_doubling=2):
 
 # ---------------------------------------------------------------- one dataset
 
-def run_dataset(name, base, queries, info, args, workdir):
+def run_dataset(name, base, queries, info, args, workdir, sampler, checkpoint=lambda res: None):
+    """One dataset; ``checkpoint(res)`` is called after every build and ladder with the partial result
+    (``res["partial"]`` true until the end), so a run stopped early keeps what it measured."""
     n, dim = base.shape
     log(f"\n== {name}: {n} x {dim}, {len(queries)} queries")
-    res = {"dataset": name, "info": info, "n": n, "dim": dim, "queries": len(queries)}
+    res = {"dataset": name, "info": info, "n": n, "dim": dim, "queries": len(queries), "partial": True,
+           "builds": {}, "ladders": {}}
     npy = os.path.join(workdir, f"{name}.npy")
     np.save(npy, np.concatenate([queries, base]))  # the children read it memory-mapped
 
+    sampler.phase("exact")
     t0 = time.perf_counter()
     truth = exact_topk(base, queries)
     exact_s = time.perf_counter() - t0
@@ -296,32 +360,41 @@ def run_dataset(name, base, queries, info, args, workdir):
                     "index_bytes": base.nbytes}
     log(f"exact (float32 matmul in blocks, BLAS threads): {exact_s:.2f} s, {len(queries) / exact_s:.0f} q/s")
 
-    methods, builds = [], {}
+    methods, builds, bare_built = [], res["builds"], {}
     for shards in args.shards:
-        b = build_annoy(npy, len(queries), shards, args.trees, 0, workdir)
-        log(f"annoy-{shards}: write_shard x{shards} {b['build_s']:.1f} s (child {b['child_wall_s']:.1f} s, "
-            f"maxrss {b['child_maxrss_mib']:.0f} MiB), Annoy files {b['index_bytes'] / 2**20:.0f} MiB")
-        builds[f"annoy-{shards}"] = {k: v for k, v in b.items() if k not in ("paths", "id_maps")}
-        methods.append(AnnoySharded(f"annoy-{shards}", b, dim))
-        if shards == 1:
-            bare_built = b
+        for trees in args.trees:
+            name = annoy_name(shards, trees)
+            sampler.phase(f"{name}: build")
+            b = build_annoy(npy, len(queries), shards, trees, 0, workdir)
+            log(f"{name}: write_shard x{shards} {b['build_s']:.1f} s (child {b['child_wall_s']:.1f} s, "
+                f"maxrss {b['child_maxrss_mib']:.0f} MiB), Annoy files {b['index_bytes'] / 2**20:.0f} MiB, "
+                f"load {os.getloadavg()[0]:.1f}")
+            builds[name] = {k: v for k, v in b.items() if k not in ("paths", "id_maps")}
+            checkpoint(res)
+            methods.append(AnnoySharded(name, b, dim))
+            if shards == 1:
+                bare_built[name] = b
     os.remove(npy)
     if "hnswlib" in args.peers:
+        sampler.phase("hnswlib: build")
         h = Hnsw(base, workdir)
         builds["hnswlib"] = {"build_s": h.build_s, "index_bytes": h.index_bytes, "build_threads": CORES}
+        checkpoint(res)
         log(f"hnswlib: build {h.build_s:.1f} s ({CORES} threads), {h.index_bytes / 2**20:.0f} MiB")
         methods.append(h)
     if "faiss" in args.peers:
+        sampler.phase("faiss: build")
         f = Faiss(base, workdir)
         builds["faiss"] = {"build_s": f.build_s, "index_bytes": f.index_bytes, "build_threads": CORES}
+        checkpoint(res)
         log(f"faiss: build {f.build_s:.1f} s ({CORES} threads), {f.index_bytes / 2**20:.0f} MiB")
         methods.append(f)
-    res["builds"] = builds
 
     # Ladders: recall@10 and q/s in the two batch modes, one measurement per rung.
-    res["ladders"], chosen = {}, {}
+    chosen = {}
     for m in methods:
-        values = (ladder_values(K * args.trees, args.max_search_k, args.steps) if m.name.startswith("annoy")
+        sampler.phase(f"{m.name}: ladder")
+        values = (ladder_values(K * m.built["trees"], args.max_search_k, args.steps) if m.name.startswith("annoy")
                   else ladder_values(K, args.max_ef, args.steps))
         rows = []
         for v in values:
@@ -331,18 +404,21 @@ def run_dataset(name, base, queries, info, args, workdir):
             r = recall(ids, truth)
             rows.append({"param": v, "recall": r, "qps_batch_1t": len(queries) / t1,
                          "qps_batch_all": len(queries) / tall})
-            log(f"  {m.name:9s} {'search_k' if m.name.startswith('annoy') else 'ef':8s}={v:7d} "
+            log(f"  {m.name:12s} {'search_k' if m.name.startswith('annoy') else 'ef':8s}={v:7d} "
                 f"recall@10={r:.4f} q/s 1t={len(queries) / t1:8.0f} all={len(queries) / tall:8.0f}")
             if m.name not in chosen and r >= TARGET:
                 chosen[m.name] = v
             if r >= args.stop_recall or t1 > args.rung_cap_s:
                 break
         res["ladders"][m.name] = rows
+        res["chosen"] = chosen
+        checkpoint(res)
     res["chosen"] = chosen
-    if "annoy-1" in chosen:
-        bare = AnnoyBare(bare_built, dim)
-        methods.append(bare)
-        chosen["annoy-bare"] = chosen["annoy-1"]
+    for name, b in bare_built.items():
+        if name in chosen:
+            bare = AnnoyBare(b, dim)
+            methods.append(bare)
+            chosen[bare.name] = chosen[name]
 
     # Side by side at the smallest rung reaching the target, interleaved, --repeats times.
     live = [m for m in methods if m.name in chosen]
@@ -350,6 +426,7 @@ def run_dataset(name, base, queries, info, args, workdir):
         m.set(chosen[m.name])
     times = {m.name: {mode: [] for mode in MODES} for m in live}
     recalls = {}
+    sampler.phase("side by side")
     for rep in range(args.repeats):
         for mode in MODES:
             order = live[rep % len(live):] + live[:rep % len(live)]
@@ -357,7 +434,7 @@ def run_dataset(name, base, queries, info, args, workdir):
                 t, ids = timed(m, queries, mode)
                 times[m.name][mode].append(t)
                 recalls.setdefault(m.name, recall(ids, truth))
-        log(f"  side by side: repeat {rep + 1}/{args.repeats} done")
+        log(f"  side by side: repeat {rep + 1}/{args.repeats} done (load {os.getloadavg()[0]:.1f})")
     side = {}
     for m in live:
         side[m.name] = {"param": chosen[m.name], "recall": recalls[m.name],
@@ -371,6 +448,8 @@ def run_dataset(name, base, queries, info, args, workdir):
                                                                                 times["hnswlib"][mode])])
                                   for mode in MODES}
     res["side_by_side"], res["ratio_qps_vs_hnswlib"] = side, ratios
+    res["partial"] = False
+    sampler.phase("done")
     for m in methods:
         m.close()
     return res
@@ -378,11 +457,12 @@ def run_dataset(name, base, queries, info, args, workdir):
 
 def print_tables(res):
     log(f"\n### {res['dataset']} ({res['n']} x {res['dim']})")
-    log("| method | build s | index MiB |")
-    log("| --- | ---: | ---: |")
-    log(f"| exact (numpy) | - | {res['exact']['index_bytes'] / 2**20:.0f} |")
+    log("| method | shards | trees | build s | index MiB |")
+    log("| --- | ---: | ---: | ---: | ---: |")
+    log(f"| exact (numpy) | - | - | - | {res['exact']['index_bytes'] / 2**20:.0f} |")
     for name, b in res["builds"].items():
-        log(f"| {name} | {b['build_s']:.1f} | {b['index_bytes'] / 2**20:.0f} |")
+        log(f"| {name} | {b.get('shards', '-')} | {b.get('trees', '-')} | {b['build_s']:.1f} | "
+            f"{b['index_bytes'] / 2**20:.0f} |")
     log("\n| method | search_k / ef | recall@10 | q/s batch 1 thread | q/s batch all cores |")
     log("| --- | ---: | ---: | ---: | ---: |")
     for name, rows in res["ladders"].items():
@@ -410,7 +490,9 @@ def main(argv=None):
     p.add_argument("--synthetic-n", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--shards", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--trees", type=int, default=10, help="Annoy trees per shard (the pipeline's default: 10)")
+    p.add_argument("--trees", type=int, nargs="+", default=None,
+                   help="Annoy trees per shard, one or more values: every (shards, trees) combination is its "
+                        "own method (the pipeline's default: 10)")
     p.add_argument("--peers", nargs="*", default=["hnswlib", "faiss"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-search-k", type=int, default=409_600)
@@ -418,13 +500,19 @@ def main(argv=None):
     p.add_argument("--stop-recall", type=float, default=0.98, help="stop a ladder once recall@10 reaches this")
     p.add_argument("--rung-cap-s", type=float, default=30.0, help="stop a ladder once a batch-1t rung takes longer")
     p.add_argument("--steps", type=int, default=2, help="ladder rungs per doubling of search_k / ef")
-    p.add_argument("--quick", action="store_true", help="10k synthetic vectors, 200 queries, 1 repeat, coarse ladder")
+    p.add_argument("--quick", action="store_true",
+                   help="10k synthetic vectors, 200 queries, 1 repeat, coarse ladder, 10 and 20 trees")
     p.add_argument("--json")
     p.add_argument("--workdir")
     args = p.parse_args(argv)
     if args.quick:
         args.datasets, args.synthetic_n, args.queries, args.repeats = ["synthetic"], 10_000, 200, 1
         args.steps, args.stop_recall = 1, 0.97
+        if args.trees is None:
+            args.trees = [10, 20]
+    args.trees = args.trees or [10]
+    args.trees = list(dict.fromkeys(args.trees))
+    args.shards = list(dict.fromkeys(args.shards))
     workdir = tempfile.mkdtemp(prefix="bench-ann-", dir=args.workdir)
     out = {"date": datetime.date.today().isoformat(), "argv": sys.argv[1:], "machine": _measure.machine_facts(),
            "k": K, "target_recall": TARGET, "cores": CORES, "results": []}
@@ -435,21 +523,36 @@ def main(argv=None):
             out["machine"][pkg] = md.version(pkg)
         except Exception:
             out["machine"][pkg] = None
+    # SIGTERM (stopping a long run) unwinds like Ctrl-C: the temp dir goes, the last checkpoint stays.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sampler = LoadSampler()
+    out["load_at_start"] = os.getloadavg()
+
+    def save(current=None):
+        if not args.json:
+            return
+        doc = dict(out, results=out["results"] + ([current] if current is not None else []),
+                   load=sampler.summary(), load_samples=list(sampler.samples))
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+
     try:
         for ds in args.datasets:
             if ds == "real":
                 base, q, info = _ann_data.real(args.real_n, args.queries, log=log)
             else:
                 base, q, info = _ann_data.synthetic(args.synthetic_n, args.queries)
-            res = run_dataset(ds, np.ascontiguousarray(base), np.ascontiguousarray(q), info, args, workdir)
+            sampler.phase(f"{ds}: load data")
+            res = run_dataset(ds, np.ascontiguousarray(base), np.ascontiguousarray(q), info, args, workdir, sampler,
+                              checkpoint=save)
+            res["wall_s"] = round(time.perf_counter() - sampler.t0, 1)
             out["results"].append(res)
             print_tables(res)
             del base, q
-            if args.json:
-                with open(args.json + ".tmp", "w") as f:
-                    json.dump(out, f, indent=1)
-                os.replace(args.json + ".tmp", args.json)
+            save()
     finally:
+        sampler.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
