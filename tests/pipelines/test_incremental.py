@@ -290,6 +290,19 @@ def test_incremental_output_matches_a_full_run(runs, tiny_encoders):
             assert mi["files"][part] == mf["files"][part]
 
 
+def test_an_incremental_run_is_reproducible(runs, tiny_encoders):
+    # The same catalog from the same previous version (named with --reuse-from this time): the same bytes.
+    again = index_pipeline.run(_args(runs["catalog_b"], runs["output"], tiny_encoders, "--version", "b-again",
+                                     "--reuse-from", os.path.join(runs["output"], "a"),
+                                     "--snapshot-time", "2000-01-01"))
+    first, second = runs["incremental"].manifest, again.manifest
+    assert second["reuse"]["source"] == first["reuse"]["source"]
+    assert {k: second["counts"][k] for k in opt_vector_counts} == {k: first["counts"][k] for k in opt_vector_counts}
+    assert [s["sha256"] for s in second["shards"]] == [s["sha256"] for s in first["shards"]]
+    for part in first["tables"]["embeddings"]:
+        assert second["files"][part] == first["files"][part]
+
+
 def test_inputs_digest_does_not_depend_on_reuse(runs, tiny_encoders, capsys):
     inc, full = runs["incremental"].manifest, runs["full"].manifest
     assert inc["inputs"] == full["inputs"]
