@@ -11,6 +11,10 @@ the release as ``catalog-index verify`` does, and only then moves
 ``<version>/CURRENT`` and ``LATEST`` by compare-and-swap (schemas/layout.py).
 A failed or killed run never moves a pointer, so readers that follow LATEST
 never see it; a failed run removes its own folder, ``gc`` a killed one's.
+
+Incremental runs: ``ReadPrevious`` (pipelines/reuse.py) reads a previous
+version's embeddings table into ``BatchItems``, and ``EncodeItems`` reuses the
+vectors of unchanged items instead of encoding them; the manifest counts both.
 """
 
 import dataclasses
