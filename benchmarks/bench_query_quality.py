@@ -3,7 +3,7 @@
 The index: the 2,640 Grocery Store train photos as catalog items (title =
 product name, description = the product's description, image = the photo),
 built with `catalog-index index` and its defaults (built-in encoders, default
-fusion, 1 shard unless --shards, 10 trees, the recall gate that writes the
+fusion, 1 shard unless --shards, the default trees (50), the recall gate that writes the
 release's search_k into the manifest's validation).
 
 Queries, answered by `catalog-index query --index OUT --queries FILE` (one
