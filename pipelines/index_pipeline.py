@@ -28,11 +28,12 @@ import time
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
 
 from schemas.errors import CatalogIndexError, ConfigError, PublicationError, VerificationError
 from embedding import fusion as fus
 from embedding import query_encoder as qe
+from pipelines import capacity
 from pipelines import files
 from pipelines import lease
 from pipelines import progress
@@ -446,6 +447,13 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
     opts.check()
     # Validation writes nothing, so a configuration error leaves no trace in the output root.
     plan = opts.validate(started=started)
+    if not opts.no_memory_check:  # a catalog too big for the local runner stops here, not in the kernel's hands
+        estimate = capacity.check_local_memory(plan.catalog_rows, plan.text_encoder.output_dim,
+                                               plan.image_encoder.output_dim, plan.fusion.dim,
+                                               options.view_as(StandardOptions).runner)
+        if estimate is not None:
+            _log.info("memory estimate for the local runner: %.1f GiB of %s available", estimate.bytes_needed / 2 ** 30,
+                      "?" if estimate.bytes_available is None else f"{estimate.bytes_available / 2 ** 30:.1f} GiB")
     owner = lease.Lease(plan.output, plan.run_id, plan.version, seconds=opts.lease_seconds).acquire()
     try:
         owner.start_heartbeat()

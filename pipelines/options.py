@@ -131,6 +131,9 @@ class IndexOptions(PipelineOptions):
                                  "(OUTPUT/<version>), release folder or output root; refused (exit 2) when it "
                                  "does not verify or was built with other encoders, fusion or vector options. "
                                  "Default: the version LATEST names under --output, when it matches.")
+        parser.add_argument("--no-memory-check", "--no_memory_check", dest="no_memory_check", action="store_true",
+                            help="Run on the local runner even when the memory estimate says the catalog will not "
+                                 "fit (pipelines/capacity.py); by default such a run stops before any work.")
         parser.add_argument("--no-reuse", "--no_reuse", dest="no_reuse", action="store_true",
                             help="Encode every item (no incremental reuse of a previous version's vectors).")
         parser.add_argument("--force", action="store_true",

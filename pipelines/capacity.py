@@ -1,0 +1,72 @@
+"""Will a local run fit in this machine's memory? An estimate before any work, not a kill by the kernel.
+
+The local runners hold every shuffle in memory, and the index pipeline's
+shuffles carry the items' vectors (encoded, fused, grouped by shard). Peak
+memory therefore grows with the item count times the vector sizes. Measured
+(benchmarks/README.md, bench_index.py): 10-27 KB per item beyond the vectors
+with the 64/48-d tiny encoders; the model: a fixed base for TensorFlow and the
+encoders, plus per item an overhead and three copies of its text, image and
+fused vectors in float32 (the encode join, the fusion, the shard groups).
+
+Dataflow and other distributed runners spill shuffles to disk: no check there.
+"""
+
+from typing import NamedTuple, Optional
+
+from schemas.errors import ConfigError
+
+BASE_BYTES = 2 * 1024 ** 3  # TensorFlow, two encoders, Beam
+PER_ITEM_OVERHEAD = 27 * 1024  # the upper end measured with the tiny encoders
+VECTOR_COPIES = 3
+HEADROOM = 0.9  # of the memory available when the run starts
+LOCAL_RUNNERS = frozenset({None, "", "directrunner", "direct", "prismrunner", "prism", "swappingrunner",
+                           "bundlebasedrunner", "fnapirunner"})
+
+
+class Estimate(NamedTuple):
+    rows: int
+    bytes_needed: int
+    bytes_available: Optional[int]
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_available is None or self.bytes_needed <= HEADROOM * self.bytes_available
+
+
+def is_local(runner) -> bool:
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return (name or "").lower() in LOCAL_RUNNERS
+
+
+def available_bytes() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read (then nothing is refused)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def estimate(rows: int, text_dim: int, image_dim: int, dim: int, available: Optional[int] = None) -> Estimate:
+    per_item = PER_ITEM_OVERHEAD + VECTOR_COPIES * 4 * (text_dim + image_dim + dim)
+    return Estimate(rows, BASE_BYTES + rows * per_item, available)
+
+
+def check_local_memory(rows: int, text_dim: int, image_dim: int, dim: int, runner,
+                       available: Optional[int] = None) -> Optional[Estimate]:
+    """Raises ConfigError when a local run of ``rows`` items would not fit; returns the estimate (None when the
+    runner is not local)."""
+    if not is_local(runner):
+        return None
+    found = estimate(rows, text_dim, image_dim, dim, available if available is not None else available_bytes())
+    if not found.fits:
+        gib = 1024 ** 3
+        raise ConfigError(
+            f"{rows} catalog rows with {text_dim}-d text, {image_dim}-d image and {dim}-d fused vectors need about "
+            f"{found.bytes_needed / gib:.1f} GiB on the local runner (it keeps every shuffle in memory), but "
+            f"{found.bytes_available / gib:.1f} GiB are available; run on Dataflow (--runner DataflowRunner), "
+            f"on a machine with more memory, split the catalog, or pass --no-memory-check to try anyway")
+    return found

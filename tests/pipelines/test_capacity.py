@@ -1,0 +1,42 @@
+"""The local-runner memory estimate: worked figures, refusal before any work, distributed runners unchecked."""
+
+import pytest
+
+from pipelines import capacity
+from schemas.errors import ConfigError
+
+GIB = 1024 ** 3
+
+
+def test_the_estimate_worked_by_hand():
+    # 1M items of the built-in sizes: 2 GiB + 1e6 x (27,648 + 3 x 4 x (384 + 1280 + 256)) bytes
+    got = capacity.estimate(1_000_000, 384, 1280, 256)
+    assert got.bytes_needed == 2 * GIB + 1_000_000 * (27 * 1024 + 12 * 1920)
+    assert round(got.bytes_needed / GIB, 1) == 49.2
+
+
+def test_a_catalog_too_big_for_the_machine_is_refused_with_the_figures():
+    with pytest.raises(ConfigError, match=r"1000000 catalog rows .* need about 49.2 GiB .* but 20.0 GiB are "
+                                          r"available; run on Dataflow"):
+        capacity.check_local_memory(1_000_000, 384, 1280, 256, None, available=20 * GIB)
+    fits = capacity.check_local_memory(100_000, 384, 1280, 256, "DirectRunner", available=20 * GIB)
+    assert fits is not None and fits.fits  # 100k: about 6.9 GiB
+
+
+def test_distributed_runners_and_unknown_memory_are_not_refused():
+    assert capacity.check_local_memory(10 ** 9, 384, 1280, 256, "DataflowRunner", available=GIB) is None
+    assert capacity.estimate(10 ** 9, 1, 1, 1, available=None).fits
+
+
+def test_the_index_command_stops_before_any_work(tmp_path, tiny_encoders, monkeypatch, capsys):
+    from catalog_index import sample
+    from catalog_index.cli import main
+
+    catalog = sample.generate_catalog(str(tmp_path / "c"), n_items=20, seed=1, bad_rows=False)
+    monkeypatch.setattr(capacity, "available_bytes", lambda: GIB)  # 1 GiB: less than the 2 GiB base
+    out = tmp_path / "out"
+    status = main(["index", "--catalog", catalog["catalog_glob"], "--output", str(out), "--text-encoder",
+                   tiny_encoders[0], "--image-encoder", tiny_encoders[1]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--no-memory-check" in err[0], err
+    assert not (out / "LATEST").exists()
