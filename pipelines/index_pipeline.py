@@ -286,7 +286,7 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     query_sample = {"batches": batches, tr.IMAGES: encoded[tr.IMAGES], "items": fused["items"]} | (
         "SampleQueryInputs" >> tr.SampleQueryInputs(image_options=image_options))
     shards = fused["items"] | "WriteAnnoyShards" >> tr.WriteAnnoyShards(
-        staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed)
+        staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed, threads=opts.shard_threads())
 
     rejected = (
         (valid[tr.REJECTED], unique[tr.REJECTED], encoded[tr.REJECTED], fused[tr.REJECTED])

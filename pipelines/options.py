@@ -131,6 +131,10 @@ class IndexOptions(PipelineOptions):
                                  "(OUTPUT/<version>), release folder or output root; refused (exit 2) when it "
                                  "does not verify or was built with other encoders, fusion or vector options. "
                                  "Default: the version LATEST names under --output, when it matches.")
+        parser.add_argument("--shard-build-threads", "--shard_build_threads", dest="shard_build_threads", type=int,
+                            default=None,
+                            help="Shards built at once by each worker (default: its CPU count; 1 builds them one "
+                                 "after another). The shard files are the same for any value.")
         parser.add_argument("--no-memory-check", "--no_memory_check", dest="no_memory_check", action="store_true",
                             help="Run on the local runner even when the memory estimate says the catalog will not "
                                  "fit (pipelines/capacity.py); by default such a run stops before any work.")
@@ -140,6 +144,13 @@ class IndexOptions(PipelineOptions):
                             help="Publish even if the version is already published with other content (as a new "
                                  "release; the old one stays until gc) or its folder holds foreign files.")
 
+    def shard_threads(self) -> int:
+        """--shard-build-threads, or this machine's CPU count (each worker of a distributed runner builds its
+        own shards; the value travels with the pipeline, so the launcher's count is used there too)."""
+        import os
+
+        return self.shard_build_threads or os.cpu_count() or 1
+
     def check(self) -> str:
         """The checks that need no I/O; returns the output root. Runs before the lease is taken."""
         if not self.catalog:
@@ -148,6 +159,8 @@ class IndexOptions(PipelineOptions):
             raise ConfigError("--output is required: the directory (local or gs://) that receives versions")
         _positive("shards", self.shards)
         _positive("trees", self.trees)
+        if self.shard_build_threads is not None:
+            _positive("shard-build-threads", self.shard_build_threads)
         _positive("batch-size", self.batch_size)
         _positive("max-image-pixels", self.max_image_pixels)
         _positive("lease-seconds", self.lease_seconds, 10)

@@ -814,24 +814,59 @@ class SampleQueryInputs(beam.PTransform):
 
 
 class _BuildShard(beam.DoFn):
-    def __init__(self, num_shards, dim, trees, seed, version_dir):
+    """Builds each shard group into its files. With ``threads`` > 1 the shards of a bundle build at once
+    in a thread pool (Annoy's build and Parquet writing release the GIL): on the local runner every shard
+    group arrives in one bundle, so the machine's cores build shards side by side. Each shard's bytes do
+    not depend on the others or on the order, so the output is the same for any thread count."""
+
+    def __init__(self, num_shards, dim, trees, seed, version_dir, threads=1):
         self._args = (num_shards, dim, trees, seed, version_dir)
+        self._threads = max(1, int(threads or 1))
         self._indexed = progress.counter(progress.ITEMS_INDEXED)
         # Counted where the shard is written, from its items: exactly what the manifest counts.
         self._vectors = {name: progress.counter(name) for name in progress.VECTOR_COUNTERS}
+        self._pool = None
+        self._pending = []
 
-    def process(self, element):
+    def _write(self, element):
         index, joined = element
         num_shards, dim, trees, seed, version_dir = self._args
-        info = shd.write_shard(list(joined["items"]), index, num_shards, dim, trees, seed, version_dir)
+        return shd.write_shard(list(joined["items"]), index, num_shards, dim, trees, seed, version_dir)
+
+    def _done(self, info):
         failpoint("after_shard")
         self._indexed.inc(info.count)
         progress.add(progress.ITEMS_INDEXED, info.count)
         for name, n in info.vectors:
             self._vectors[name].inc(n)
             progress.add(name, n)
-        _log.info("built shard %d/%d: %d items, %d bytes", index + 1, num_shards, info.count, info.size)
-        yield info
+        _log.info("built shard %d/%d: %d items, %d bytes", info.index + 1, self._args[0], info.count, info.size)
+        return info
+
+    def start_bundle(self):
+        self._pending = []
+
+    def process(self, element):
+        if self._threads == 1:
+            yield self._done(self._write(element))
+            return
+        if self._pool is None:
+            import concurrent.futures
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="build-shard")
+        self._pending.append(self._pool.submit(self._write, element))
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        pending, self._pending = self._pending, []
+        for future in pending:  # in submission order; the first failure stops the bundle
+            yield GlobalWindows.windowed_value(self._done(future.result()))
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class WriteAnnoyShards(beam.PTransform):
@@ -842,13 +877,14 @@ class WriteAnnoyShards(beam.PTransform):
     readers can rely on N files.
     """
 
-    def __init__(self, version_dir: str, num_shards: int, dim: int, trees: int, seed: int):
+    def __init__(self, version_dir: str, num_shards: int, dim: int, trees: int, seed: int, threads: int = 1):
         super().__init__()
         self._version_dir = version_dir
         self._num_shards = num_shards
         self._dim = dim
         self._trees = trees
         self._seed = seed
+        self._threads = threads
 
     def expand(self, items) -> beam.PCollection[shd.ShardInfo]:
         n = self._num_shards
@@ -858,5 +894,5 @@ class WriteAnnoyShards(beam.PTransform):
             {"items": keyed, "slot": slots}
             | "GroupByShard" >> beam.CoGroupByKey()
             | "BuildShards" >> beam.ParDo(
-                _BuildShard(n, self._dim, self._trees, self._seed, self._version_dir))
+                _BuildShard(n, self._dim, self._trees, self._seed, self._version_dir, self._threads))
         )

@@ -199,6 +199,37 @@ def test_write_annoy_shards_writes_every_shard(tmp_path):
         assert len(ids) == n and all(shd.stable_shard(i, 5) == k for i in ids.to_pylist())
 
 
+def _shard_bytes(folder):
+    return {f.name: f.read_bytes() for f in sorted((folder / "shards").iterdir())}
+
+
+def test_shards_build_side_by_side_and_the_files_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
+    import threading
+
+    rng = np.random.default_rng(1)
+    vecs = fus.l2_normalize(rng.normal(size=(60, 8)))
+    items = [shd.IndexedItem(f"i{k}", f"t{k}", vecs[k], None, vecs[k]) for k in range(60)]
+    for threads, name in ((1, "one"), (3, "three")):
+        with TestPipeline() as p:
+            _ = p | beam.Create(items) | tr.WriteAnnoyShards(str(tmp_path / name), 3, 8, trees=4, seed=2,
+                                                               threads=threads)
+    assert _shard_bytes(tmp_path / "one") == _shard_bytes(tmp_path / "three")
+
+    # With 2 threads two shards are in write_shard at the same time: a barrier of 2 only opens then.
+    barrier = threading.Barrier(2, timeout=30)
+    real = shd.write_shard
+
+    def meet_then_write(*args, **kwargs):
+        barrier.wait()  # raises BrokenBarrierError after 30 s if the shards were built one after another
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shd, "write_shard", meet_then_write)
+    with TestPipeline() as p:
+        infos = p | beam.Create(items) | tr.WriteAnnoyShards(str(tmp_path / "two"), 2, 8, trees=4, seed=2,
+                                                               threads=2)
+        assert_that(infos | beam.Map(lambda s: s.index), equal_to([0, 1]))
+
+
 def test_identical_texts_are_encoded_once(tiny_encoders):
     from apache_beam.metrics.metric import MetricsFilter
 
