@@ -1,12 +1,15 @@
 """Will a local run fit in this machine's memory? An estimate before any work, not a kill by the kernel.
 
 The local runners hold every shuffle in memory, and the index pipeline's
-shuffles carry the items' vectors (encoded, fused, grouped by shard). Peak
-memory therefore grows with the item count times the vector sizes. Measured
-(benchmarks/README.md, bench_index.py): 10-27 KB per item beyond the vectors
-with the 64/48-d tiny encoders; the model: a fixed base for TensorFlow and the
-encoders, plus per item an overhead and three copies of its text, image and
-fused vectors in float32 (the encode join, the fusion, the shard groups).
+shuffles carry the items' vectors (encoded, fused). Peak memory therefore grows
+with the item count times the vector sizes. Measured (benchmarks/README.md,
+bench_index.py): 10-27 KB per item beyond the vectors with the 64/48-d tiny
+encoders; the model: a fixed base for TensorFlow and the encoders, plus per item
+an overhead and three copies of its text, image and fused vectors in float32.
+The shard stage no longer groups vectors (issue 9: staging files, only their
+names are shuffled), but that did not lower the measured peak, which is set
+earlier, by the encode stage's buffers and the query sample's pixel arrays
+(benchmarks/README.md, "Flat memory: shard staging"), so the constants stay.
 
 Dataflow and other distributed runners spill shuffles to disk: no check there.
 """

@@ -6,15 +6,23 @@ multi-threaded build orders trees by thread timing, which would make files
 differ between identical runs), checked by loading it back, and then copied to
 the output filesystem. Annoy ids are the positions of the shard's items sorted
 by item_id, so identical input gives byte-identical shard files.
+
+In the index pipeline the items reach their shard through staging files
+(``write_staging``: ``<release>/_staging/shard-NNNNN/*.parquet``, written as the
+items are fused) rather than through an in-memory shuffle; ``write_shard`` takes
+either the items or those files' rows (``read_staged``) and writes the same
+bytes from both.
 """
 
 import dataclasses
+import io
 import os
 import tempfile
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from annoy import AnnoyIndex
 
 from pipelines import files
@@ -105,56 +113,196 @@ def build_annoy(vectors: Sequence[np.ndarray], dim: int, trees: int, seed: int, 
     index.unload()
 
 
-def write_shard(items: Sequence[IndexedItem], index: int, num_shards: int, dim: int, trees: int, seed: int,
-                version_dir: str) -> ShardInfo:
-    """Builds and writes shard ``index``: Annoy file, id map and embeddings part."""
+def _vectors(values) -> pa.ListArray:
+    """list<float32> column of per-item vectors (None: null). One flat float32 buffer plus offsets: no
+    per-item Arrow objects (a 1M-item shard spent ~9 s converting vectors one by one)."""
+    present = [v is not None for v in values]
+    lengths = np.array([len(v) if p else 0 for v, p in zip(values, present)], np.int64)
+    flat = [np.asarray(v, np.float32) for v, p in zip(values, present) if p]
+    return _list_array(np.array(present, bool), lengths, np.concatenate(flat) if flat else np.zeros(0, np.float32))
+
+
+def _list_array(present: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> pa.ListArray:
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    mask = pa.array(~present) if not present.all() else None
+    return pa.ListArray.from_arrays(offsets, pa.array(flat), pa.list_(pa.float32()), mask=mask)
+
+
+class _Rows(NamedTuple):
+    """One shard's rows, sorted by item_id, as the files need them."""
+
+    ids: list
+    titles: list
+    text: pa.ListArray
+    image: pa.ListArray
+    fused: Sequence  # per row a float32 vector of the fused dimension, for Annoy
+    fused_column: pa.ListArray
+    text_sha256: list  # already None where the row has no text vector (same for image)
+    image_sha256: list
+    image_uri: list
+    image_version: list
+    vector_counts: dict
+
+
+def _rows_from_items(items: Sequence[IndexedItem]) -> _Rows:
     items = sorted(items, key=lambda it: it.item_id)
+    return _Rows(
+        [it.item_id for it in items], [it.title for it in items],
+        _vectors([it.text_embedding for it in items]), _vectors([it.image_embedding for it in items]),
+        [it.embedding for it in items], _vectors([it.embedding for it in items]),
+        # A key only where its vector is: no text vector, no text_sha256; no image vector, no image_sha256.
+        [it.text_sha256 if it.text_embedding is not None else None for it in items],
+        [it.image_sha256 if it.image_embedding is not None else None for it in items],
+        [it.image_uri for it in items], [it.image_version for it in items], vector_counts(items))
+
+
+def _relist(column) -> tuple:
+    """(present, list<float32> rebuilt as ``_vectors`` builds it) of a staged vector column."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    present = np.asarray(arr.is_valid(), bool) if len(arr) else np.zeros(0, bool)
+    lengths = np.asarray(arr.value_lengths().fill_null(0), np.int64) if len(arr) else np.zeros(0, np.int64)
+    flat = np.asarray(arr.flatten(), np.float32) if len(arr) else np.zeros(0, np.float32)
+    return present, _list_array(present, lengths, flat), flat
+
+
+def _rows_from_table(table: pa.Table, dim: int) -> _Rows:
+    ids = table.column("item_id").to_pylist()
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # the order sorted(items, key=item_id) gives
+    table = table.take(pa.array(order, pa.int64()))
+    text_present, text, _ = _relist(table.column("text_embedding"))
+    image_present, image, _ = _relist(table.column("image_embedding"))
+    fused_present, fused_column, flat = _relist(table.column("embedding"))
+    n = len(order)
+    if not fused_present.all() or len(flat) != n * dim:
+        raise ValueError(f"staged rows: {int((~fused_present).sum())} without a fused vector, "
+                         f"{len(flat)} values for {n} x {dim}")
+    text_reused = np.asarray(table.column("text_reused").to_numpy(zero_copy_only=False), bool)
+    image_reused = np.asarray(table.column("image_reused").to_numpy(zero_copy_only=False), bool)
+    counts = {"reused_text": int((text_present & text_reused).sum()),
+              "encoded_text": int((text_present & ~text_reused).sum()),
+              "reused_image": int((image_present & image_reused).sum()),
+              "encoded_image": int((image_present & ~image_reused).sum())}
+    if set(counts) != set(VECTOR_COUNTS):
+        raise RuntimeError(f"vector counts {sorted(counts)} do not match {sorted(VECTOR_COUNTS)}")
+
+    def keys(name, present):
+        return [k if p else None for k, p in zip(table.column(name).to_pylist(), present)]
+
+    return _Rows([ids[i] for i in order], table.column("title").to_pylist(), text, image,
+                 flat.reshape(n, dim), fused_column, keys("text_sha256", text_present),
+                 keys("image_sha256", image_present), table.column("image_uri").to_pylist(),
+                 table.column("image_version").to_pylist(), counts)
+
+
+def write_shard(items, index: int, num_shards: int, dim: int, trees: int, seed: int,
+                version_dir: str) -> ShardInfo:
+    """Builds and writes shard ``index``: Annoy file, id map and embeddings part.
+
+    ``items``: IndexedItems, or a table of ``STAGING_SCHEMA`` (the shard's staging files read back,
+    ``read_staged``); the same rows give the same bytes either way."""
+    rows = _rows_from_table(items, dim) if isinstance(items, pa.Table) else _rows_from_items(items)
+    n = len(rows.ids)
     paths = shard_paths(index, num_shards)
     with tempfile.TemporaryDirectory(prefix="catalog-index-shard-") as tmp:
         local = os.path.join(tmp, "shard.ann")
-        build_annoy([it.embedding for it in items], dim, trees, seed, local)
+        build_annoy(rows.fused, dim, trees, seed, local)
         check = AnnoyIndex(dim, METRIC)
         check.load(local)
-        if check.get_n_items() != len(items):
-            raise RuntimeError(f"shard {index}: Annoy holds {check.get_n_items()} items, expected {len(items)}")
+        if check.get_n_items() != n:
+            raise RuntimeError(f"shard {index}: Annoy holds {check.get_n_items()} items, expected {n}")
         check.unload()
         size, sha = files.copy_local_file(local, files.join(version_dir, paths["path"]))
 
-    ids = [it.item_id for it in items]
-    annoy_ids = pa.array(range(len(items)), pa.int64())
+    annoy_ids = pa.array(range(n), pa.int64())
     id_map_checksum = files.write_parquet(
         files.join(version_dir, paths["id_map"]),
-        pa.Table.from_arrays([annoy_ids, pa.array(ids, pa.string())], schema=emb.IDMAP_SCHEMA),
+        pa.Table.from_arrays([annoy_ids, pa.array(rows.ids, pa.string())], schema=emb.IDMAP_SCHEMA),
     )
-
-    def vectors(values):
-        # One flat float32 buffer plus offsets: no per-item Arrow objects (a 1M-item
-        # shard spent ~9 s converting vectors one by one).
-        present = [v is not None for v in values]
-        lengths = np.array([len(v) if p else 0 for v, p in zip(values, present)], np.int64)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        flat = [np.asarray(v, np.float32) for v, p in zip(values, present) if p]
-        data = pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float32))
-        mask = pa.array(~np.array(present, bool)) if not all(present) else None
-        return pa.ListArray.from_arrays(offsets, data, pa.list_(pa.float32()), mask=mask)
 
     table = pa.Table.from_arrays(
         [
-            pa.array(ids, pa.string()),
-            pa.array([it.title for it in items], pa.string()),
-            vectors([it.text_embedding for it in items]),
-            vectors([it.image_embedding for it in items]),
-            vectors([it.embedding for it in items]),
-            pa.array([index] * len(items), pa.int32()),
+            pa.array(rows.ids, pa.string()),
+            pa.array(rows.titles, pa.string()),
+            rows.text,
+            rows.image,
+            rows.fused_column,
+            pa.array([index] * n, pa.int32()),
             annoy_ids,
-            # A key only where its vector is: no text vector, no text_sha256; no image vector, no image_sha256.
-            pa.array([it.text_sha256 if it.text_embedding is not None else None for it in items], pa.string()),
-            pa.array([it.image_sha256 if it.image_embedding is not None else None for it in items], pa.string()),
-            pa.array([it.image_uri for it in items], pa.string()),
-            pa.array([it.image_version for it in items], pa.string()),
+            pa.array(rows.text_sha256, pa.string()),
+            pa.array(rows.image_sha256, pa.string()),
+            pa.array(rows.image_uri, pa.string()),
+            pa.array(rows.image_version, pa.string()),
         ],
         schema=emb.EMBEDDINGS_SCHEMA,
     )
     embeddings_checksum = files.write_parquet(files.join(version_dir, paths["embeddings"]), table)
-    return ShardInfo(index, paths["path"], len(items), size, sha, paths["id_map"], paths["embeddings"],
-                     id_map_checksum, embeddings_checksum, tuple(sorted(vector_counts(items).items())))
+    return ShardInfo(index, paths["path"], n, size, sha, paths["id_map"], paths["embeddings"],
+                     id_map_checksum, embeddings_checksum, tuple(sorted(rows.vector_counts.items())))
+
+
+# ---------------------------------------------------------------------------
+# Staging: fused items on their way to their shard, in files rather than in a shuffle.
+
+STAGING_DIR = "_staging"  # under the release folder; removed once every shard is written
+
+STAGING_SCHEMA = pa.schema([
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("title", pa.string()),
+    pa.field("text_embedding", pa.list_(pa.float32())),
+    pa.field("image_embedding", pa.list_(pa.float32())),
+    pa.field("embedding", pa.list_(pa.float32())),
+    pa.field("text_sha256", pa.string()),
+    pa.field("image_sha256", pa.string()),
+    pa.field("image_uri", pa.string()),
+    pa.field("image_version", pa.string()),
+    pa.field("text_reused", pa.bool_()),
+    pa.field("image_reused", pa.bool_()),
+])
+
+
+def staging_dir(version_dir: str) -> str:
+    return files.join(version_dir, STAGING_DIR)
+
+
+def shard_staging_dir(version_dir: str, index: int) -> str:
+    return files.join(staging_dir(version_dir), f"shard-{index:05d}")
+
+
+def staged_bytes(item: IndexedItem) -> int:
+    """Rough memory of one item waiting to be staged: its vectors plus Python objects."""
+    return 512 + sum(v.nbytes for v in (item.text_embedding, item.image_embedding, item.embedding)
+                     if v is not None and hasattr(v, "nbytes"))
+
+
+def staging_table(items: Sequence[IndexedItem]) -> pa.Table:
+    """The items (in any order) as a table of ``STAGING_SCHEMA``: every field ``write_shard`` uses."""
+    return pa.Table.from_arrays([
+        pa.array([it.item_id for it in items], pa.string()),
+        pa.array([it.title for it in items], pa.string()),
+        _vectors([it.text_embedding for it in items]),
+        _vectors([it.image_embedding for it in items]),
+        _vectors([it.embedding for it in items]),
+        pa.array([it.text_sha256 for it in items], pa.string()),
+        pa.array([it.image_sha256 for it in items], pa.string()),
+        pa.array([it.image_uri for it in items], pa.string()),
+        pa.array([it.image_version for it in items], pa.string()),
+        pa.array([bool(it.text_reused) for it in items], pa.bool_()),
+        pa.array([bool(it.image_reused) for it in items], pa.bool_()),
+    ], schema=STAGING_SCHEMA)
+
+
+def write_staging(items: Sequence[IndexedItem], path: str) -> int:
+    """Writes items to one staging Parquet file (uncompressed: it lives minutes); returns the row count."""
+    buf = io.BytesIO()
+    pq.write_table(staging_table(items), buf, compression="none")
+    files.write_bytes(path, buf.getvalue())
+    return len(items)
+
+
+def read_staged(paths: Sequence[str], expected_rows: Optional[int] = None) -> pa.Table:
+    """The rows of staging files, concatenated (``STAGING_SCHEMA``; empty without files)."""
+    tables = [files.read_parquet(p).select(STAGING_SCHEMA.names).cast(STAGING_SCHEMA) for p in paths]
+    table = pa.concat_tables(tables) if tables else STAGING_SCHEMA.empty_table()
+    if expected_rows is not None and table.num_rows != expected_rows:
+        raise RuntimeError(f"staging files hold {table.num_rows} rows, expected {expected_rows}: {list(paths)}")
+    return table

@@ -26,6 +26,7 @@ from schemas.errors import brief
 from embedding import encoders as enc
 from embedding import fusion as fus
 from embedding import images
+from pipelines import files
 from pipelines import inference
 from pipelines import progress
 from pipelines import reuse
@@ -813,11 +814,58 @@ class SampleQueryInputs(beam.PTransform):
 # WriteAnnoyShards
 
 
+STAGE_BUFFER_BYTES = 32 << 20  # items held per worker before they go to staging files
+
+
+class _StageItems(beam.DoFn):
+    """Fused items -> staging Parquet files, one per shard per flush: ``(shard, (path, rows))``.
+
+    Items wait in per-shard buffers until about ``max_bytes`` are held (or the bundle ends), then each
+    shard's buffer becomes one file ``<release>/_staging/shard-NNNNN/<uuid>.parquet``. Only the file
+    names and row counts travel through the shuffle, so the local runner never holds the vectors of the
+    whole catalog. (Not one file per fused batch: with 16 shards a batch of 32 would make files of ~2 rows.)
+    A retried bundle leaves files no element names; nothing reads them and the staging folder goes.
+    """
+
+    def __init__(self, version_dir: str, num_shards: int, max_bytes: Optional[int] = None):
+        self._version_dir = version_dir
+        self._num_shards = num_shards
+        self._max_bytes = STAGE_BUFFER_BYTES if max_bytes is None else max_bytes
+        self._buffers = {}
+        self._held = 0
+
+    def start_bundle(self):
+        self._buffers, self._held = {}, 0
+
+    def process(self, item):
+        self._buffers.setdefault(shd.stable_shard(item.item_id, self._num_shards), []).append(item)
+        self._held += shd.staged_bytes(item)
+        if self._held >= self._max_bytes:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        for element in self._flush():
+            yield GlobalWindows.windowed_value(element)
+
+    def _flush(self):
+        import uuid
+
+        buffers, self._buffers, self._held = self._buffers, {}, 0
+        for index in sorted(buffers):
+            path = files.join(shd.shard_staging_dir(self._version_dir, index), f"{uuid.uuid4().hex}.parquet")
+            yield index, (path, shd.write_staging(buffers[index], path))
+
+
 class _BuildShard(beam.DoFn):
-    """Builds each shard group into its files. With ``threads`` > 1 the shards of a bundle build at once
-    in a thread pool (Annoy's build and Parquet writing release the GIL): on the local runner every shard
-    group arrives in one bundle, so the machine's cores build shards side by side. Each shard's bytes do
-    not depend on the others or on the order, so the output is the same for any thread count."""
+    """Builds each shard from its staging files into its files, then deletes those staging files. With
+    ``threads`` > 1 the shards of a bundle build at once in a thread pool (Annoy's build and Parquet
+    writing release the GIL): on the local runner every shard group arrives in one bundle, so the
+    machine's cores build shards side by side. Each shard's bytes do not depend on the others, on the
+    order, or on how its items were split into staging files, so the output is the same for any thread
+    count. (A distributed runner that retries a bundle after a shard's staging files were deleted fails
+    the run there: nothing wrong is published, the failed run's release folder is removed.)"""
 
     def __init__(self, num_shards, dim, trees, seed, version_dir, threads=1):
         self._args = (num_shards, dim, trees, seed, version_dir)
@@ -831,7 +879,12 @@ class _BuildShard(beam.DoFn):
     def _write(self, element):
         index, joined = element
         num_shards, dim, trees, seed, version_dir = self._args
-        return shd.write_shard(list(joined["items"]), index, num_shards, dim, trees, seed, version_dir)
+        staged = sorted(joined["staged"])
+        table = shd.read_staged([path for path, _ in staged], sum(n for _, n in staged))
+        info = shd.write_shard(table, index, num_shards, dim, trees, seed, version_dir)
+        del table
+        files.delete_tree(shd.shard_staging_dir(version_dir, index))  # also any file a retried bundle left
+        return info
 
     def _done(self, info):
         failpoint("after_shard")
@@ -872,9 +925,11 @@ class _BuildShard(beam.DoFn):
 class WriteAnnoyShards(beam.PTransform):
     """Assigns items to shards by stable hash and builds each shard as one Beam element.
 
-    Shards build in parallel across workers (one shard's items must fit in one
-    worker's memory). Every shard 0..N-1 is written, empty ones included, so
-    readers can rely on N files.
+    The items go to staging Parquet files under ``<version_dir>/_staging/`` as they arrive
+    (``_StageItems``); only (shard, file name, row count) go through the shuffle, and each shard is
+    built from its own files. Shards build in parallel across workers and in a thread pool within one
+    (one shard's items must fit in one worker's memory). Every shard 0..N-1 is written, empty ones
+    included, so readers can rely on N files.
     """
 
     def __init__(self, version_dir: str, num_shards: int, dim: int, trees: int, seed: int, threads: int = 1):
@@ -888,11 +943,21 @@ class WriteAnnoyShards(beam.PTransform):
 
     def expand(self, items) -> beam.PCollection[shd.ShardInfo]:
         n = self._num_shards
-        keyed = items | "AssignShards" >> beam.Map(lambda it: (shd.stable_shard(it.item_id, n), it))
+        staged = items | "StageByShard" >> beam.ParDo(_StageItems(self._version_dir, n))
         slots = items.pipeline | "ListShards" >> beam.Create([(i, None) for i in range(n)])
-        return (
-            {"items": keyed, "slot": slots}
+        infos = (
+            {"staged": staged, "slot": slots}
             | "GroupByShard" >> beam.CoGroupByKey()
             | "BuildShards" >> beam.ParDo(
                 _BuildShard(n, self._dim, self._trees, self._seed, self._version_dir, self._threads))
         )
+        # Once every shard is written the staging folder goes (with any file a retried bundle left), so
+        # nothing of it reaches the manifest or outlives the run.
+        return (infos
+                | "CollectShards" >> beam.combiners.ToList()
+                | "RemoveStaging" >> beam.FlatMap(_remove_staging, self._version_dir))
+
+
+def _remove_staging(infos, version_dir):
+    files.delete_tree(shd.staging_dir(version_dir))
+    return sorted(infos, key=lambda info: info.index)

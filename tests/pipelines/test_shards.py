@@ -77,3 +77,59 @@ def test_every_item_is_its_own_neighbour_and_recall_vs_brute_force(tmp_path):
     found = [index.get_nns_by_vector(q, 10, search_k=10 * 10 * 20) for q in queries]
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
     assert recall >= 0.9, recall
+
+
+# ---------------------------------------------------------------------------
+# Staging (issue 9): a shard built from its staging files is the shard built from its items.
+
+
+def mixed_items(n, seed=0):
+    """Items with every field write_shard uses: missing text/image vectors, keys, reuse flags, titles."""
+    rng = np.random.default_rng(seed)
+    fused = l2_normalize(rng.normal(size=(n, 16))).astype(np.float32)
+    text = rng.normal(size=(n, 6)).astype(np.float32)
+    image = rng.normal(size=(n, 5)).astype(np.float32)
+    out = []
+    for i in range(n):
+        has_text, has_image = i % 5 != 1, i % 3 != 0
+        out.append(shd.IndexedItem(
+            f"id-{(i * 7919) % 1000:04d}-{i}", None if i % 4 == 0 else f"title {i} é",
+            text[i] if has_text else None, image[i] if has_image else None, fused[i],
+            text_sha256=f"t{i}", image_sha256=f"i{i}" if i % 6 else None,
+            image_uri=f"gs://b/{i}.jpg" if i % 2 else None, image_version="v1" if i % 7 == 0 else None,
+            text_reused=i % 2 == 0, image_reused=i % 3 == 1))
+    return out
+
+
+def _written(info, folder):
+    return {rel: (folder / rel).read_bytes() for rel in (info.path, info.id_map, info.embeddings)}
+
+
+def test_a_shard_built_from_staging_files_is_byte_identical_to_one_built_from_its_items(tmp_path):
+    its = mixed_items(97)
+    reference = shd.write_shard(its, 1, 3, 16, trees=5, seed=4, version_dir=str(tmp_path / "items"))
+    # Staged in arrival order, split unevenly over files that are read back in another order.
+    order = np.random.default_rng(1).permutation(len(its))
+    parts = [[its[k] for k in order[a:b]] for a, b in ((0, 10), (10, 11), (11, 60), (60, 97))]
+    paths = [str(tmp_path / "staging" / f"part-{k}.parquet") for k in range(len(parts))]
+    assert [shd.write_staging(part, path) for part, path in zip(parts, paths)] == [10, 1, 49, 37]
+    table = shd.read_staged(list(reversed(paths)), expected_rows=97)
+    staged = shd.write_shard(table, 1, 3, 16, trees=5, seed=4, version_dir=str(tmp_path / "staged"))
+    assert staged == reference  # counts, checksums and vector counts
+    assert _written(staged, tmp_path / "staged") == _written(reference, tmp_path / "items")
+    assert dict(staged.vectors) == shd.vector_counts(its)
+
+
+def test_an_empty_shard_from_no_staging_files_matches_the_empty_shard(tmp_path):
+    reference = shd.write_shard([], 2, 4, 8, trees=2, seed=0, version_dir=str(tmp_path / "items"))
+    staged = shd.write_shard(shd.read_staged([], expected_rows=0), 2, 4, 8, trees=2, seed=0,
+                             version_dir=str(tmp_path / "staged"))
+    assert staged == reference and staged.count == 0
+    assert _written(staged, tmp_path / "staged") == _written(reference, tmp_path / "items")
+
+
+def test_staging_files_that_do_not_hold_the_announced_rows_are_refused(tmp_path):
+    path = str(tmp_path / "s.parquet")
+    shd.write_staging(mixed_items(5), path)
+    with pytest.raises(RuntimeError, match="hold 5 rows, expected 6"):
+        shd.read_staged([path], expected_rows=6)

@@ -276,3 +276,69 @@ def test_encoder_failures_reject_the_batch_items(tmp_path, tiny_encoders):
                     equal_to([("bad", rej.ENCODER_FAILED, "encoder failed on a batch of 1: "
                                                           "InvalidArgumentError: assertion failed: [boom in batch]")]),
                     label="CheckRejected")
+
+
+# ---------------------------------------------------------------------------
+# The shard stage stages items in files (issue 9): only file names go through the shuffle.
+
+
+def _staging_items(n, seed=3):
+    rng = np.random.default_rng(seed)
+    vecs = fus.l2_normalize(rng.normal(size=(n, 8))).astype(np.float32)
+    return [shd.IndexedItem(f"i{k:03d}", None if k % 4 == 0 else f"t{k}", vecs[k][:3] if k % 5 else None,
+                            vecs[k][3:7] if k % 3 else None, vecs[k], text_sha256=f"ts{k}", image_sha256=f"is{k}",
+                            image_uri=f"u{k}" if k % 2 else None, text_reused=k % 2 == 0, image_reused=k % 7 == 0)
+            for k in range(n)]
+
+
+def test_stage_items_sends_file_names_and_counts_not_items(tmp_path):
+    items = _staging_items(50)
+    with TestPipeline() as p:
+        staged = p | beam.Create(items) | beam.ParDo(tr._StageItems(str(tmp_path), 4, max_bytes=4096))
+        checked = staged | beam.Map(lambda kv: (isinstance(kv[0], int), type(kv[1][0]).__name__,
+                                                 type(kv[1][1]).__name__))
+        assert_that(checked | beam.Distinct(), equal_to([(True, "str", "int")]), label="CheckTypes")
+        assert_that(staged | beam.Map(lambda kv: kv[1][1]) | beam.CombineGlobally(sum), equal_to([50]),
+                    label="CheckRows")
+    files_by_shard = {d.name: sorted(d.iterdir()) for d in (tmp_path / shd.STAGING_DIR).iterdir()}
+    assert sorted(files_by_shard) == sorted({f"shard-{shd.stable_shard(it.item_id, 4):05d}" for it in items})
+    assert sum(len(v) for v in files_by_shard.values()) > 4  # a small buffer: several flushes
+    for name, paths in files_by_shard.items():
+        ids = [i for path in paths for i in pq.read_table(path).column("item_id").to_pylist()]
+        assert all(f"shard-{shd.stable_shard(i, 4):05d}" == name for i in ids)
+
+
+def test_write_annoy_shards_from_staging_files_is_byte_identical_to_write_shard_on_all_items(tmp_path, monkeypatch):
+    items = _staging_items(120)
+    monkeypatch.setattr(tr, "STAGE_BUFFER_BYTES", 3000)  # many small staging files per shard
+    for threads in (1, 2):
+        out = tmp_path / f"beam-{threads}"
+        with TestPipeline() as p:
+            infos = p | beam.Create(items) | tr.WriteAnnoyShards(str(out), 4, 8, trees=3, seed=5, threads=threads)
+            assert_that(infos | beam.Map(lambda s: s.index), equal_to([0, 1, 2, 3]), label="CheckIndices")
+        assert not (out / shd.STAGING_DIR).exists()  # nothing staged is left behind
+        for k in range(4):
+            # The reference: the shard's items as one in-memory list, as the stage took them before staging.
+            ref = shd.write_shard([it for it in items if shd.stable_shard(it.item_id, 4) == k], k, 4, 8, trees=3,
+                                  seed=5, version_dir=str(tmp_path / "reference"))
+            for rel in (ref.path, ref.id_map, ref.embeddings):
+                assert (out / rel).read_bytes() == (tmp_path / "reference" / rel).read_bytes(), rel
+        assert sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()) == sorted(
+            str(f.relative_to(tmp_path / "reference")) for f in (tmp_path / "reference").rglob("*") if f.is_file())
+
+
+def test_write_annoy_shards_writes_empty_shards_and_counts_vectors_from_staging(tmp_path):
+    from apache_beam.metrics.metric import MetricsFilter
+
+    items = _staging_items(3)
+    p = TestPipeline()
+    infos = p | beam.Create(items) | tr.WriteAnnoyShards(str(tmp_path), 6, 8, trees=2, seed=0, threads=2)
+    assert_that(infos | beam.Map(lambda s: (s.index, s.count)),
+                equal_to([(k, sum(shd.stable_shard(it.item_id, 6) == k for it in items)) for k in range(6)]))
+    result = p.run()
+    result.wait_until_finish()
+    counters = {r.key.metric.name: r.committed for r in result.metrics().query(MetricsFilter())["counters"]}
+    expected = shd.vector_counts(items)
+    assert counters["items_indexed"] == 3
+    assert {name: counters.get(name, 0) for name in expected} == expected
+    assert len(list((tmp_path / "shards").glob("*.ann"))) == 6 and not (tmp_path / shd.STAGING_DIR).exists()
