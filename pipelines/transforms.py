@@ -729,22 +729,21 @@ def sample_rank(item_id: str) -> tuple:
     return shd.stable_shard(item_id, 1 << 64), item_id
 
 
-def _sampled_texts(batch, chosen):
+# Texts and pixels are picked among all rows and loaded images (some of which end up rejected), the
+# items among the indexed ones: a margin keeps the chosen items' texts and pixels in the picks.
+SAMPLE_MARGIN = 4
+
+
+def _keyed_texts(batch):
     for row in batch[1]:
-        if row.item_id in chosen and item_text(row) is not None:
-            yield row.item_id, item_text(row)
+        text = item_text(row)
+        if text is not None:
+            yield row.item_id, text
 
 
-def _sampled_pixels(loaded, chosen):
-    for item_id, array in loaded:
-        if item_id in chosen:
-            yield item_id, np.round(array * 255.0).astype(np.uint8)
-
-
-def _sampled_vectors(item, chosen):
-    if item.item_id in chosen:
-        yield item.item_id, ((item.text_embedding, item.image_embedding, item.embedding),
-                             (item.image_uri, item.image_sha256))
+def _keyed_vectors(item):
+    return item.item_id, ((item.text_embedding, item.image_embedding, item.embedding),
+                          (item.image_uri, item.image_sha256))
 
 
 def _reload_pixels(item_id, uri, sha, image_options) -> Optional[np.ndarray]:
@@ -766,14 +765,15 @@ def _reload_pixels(item_id, uri, sha, image_options) -> Optional[np.ndarray]:
         return None
 
 
-def _to_query_sample(element, image_options=None) -> QuerySample:
-    item_id, joined = element
-    texts, pixels = list(joined["text"]), list(joined["pixels"])
-    ((vectors, (uri, sha)),) = joined["vectors"]
-    pixel = pixels[0] if pixels else None
-    if pixel is None and vectors[1] is not None and uri is not None and sha is not None and image_options:
-        pixel = _reload_pixels(item_id, uri, sha, image_options)
-    return QuerySample(item_id, texts[0] if texts else None, pixel, *vectors)
+def _join_sample(chosen, texts, pixels, image_options=None):
+    """QuerySamples of the chosen items, best rank first, with their text and pixels when picked."""
+    texts, pixels = dict(texts), dict(pixels)
+    for item_id, (vectors, (uri, sha)) in chosen:
+        array = pixels.get(item_id)
+        pixel = None if array is None else np.round(array * 255.0).astype(np.uint8)
+        if pixel is None and vectors[1] is not None and uri is not None and sha is not None and image_options:
+            pixel = _reload_pixels(item_id, uri, sha, image_options)
+        yield QuerySample(item_id, texts.get(item_id), pixel, *vectors)
 
 
 class SampleQueryInputs(beam.PTransform):
@@ -794,20 +794,22 @@ class SampleQueryInputs(beam.PTransform):
         self._image_options = image_options
 
     def expand(self, inputs):
-        chosen = beam.pvalue.AsSingleton(
-            inputs["items"]
-            | "ListIndexedIds" >> beam.Map(lambda it: it.item_id)
-            | "PickSampleIds" >> beam.combiners.Top.Smallest(self._size, key=sample_rank)
-            | "MakeIdSet" >> beam.Map(frozenset))
-        return (
-            {
-                "text": inputs["batches"] | "SampleTexts" >> beam.FlatMap(_sampled_texts, chosen),
-                "pixels": inputs["images"] | "SamplePixels" >> beam.FlatMap(_sampled_pixels, chosen),
-                "vectors": inputs["items"] | "SampleVectors" >> beam.FlatMap(_sampled_vectors, chosen),
-            }
-            | "JoinSample" >> beam.CoGroupByKey()
-            | "MakeQuerySamples" >> beam.Map(_to_query_sample, self._image_options)
-        )
+        # Each stream keeps only its smallest sample ranks in a Top combiner, right where it is produced:
+        # filtering the whole streams by a side input of the chosen ids made the local runner hold every
+        # item's pixels (600 KB each at 224 x 224) and fused vectors until the side input was ready.
+        n, wide = self._size, self._size * SAMPLE_MARGIN
+
+        def by_rank(kv):
+            return sample_rank(kv[0])
+
+        vectors = (inputs["items"] | "KeyVectors" >> beam.Map(_keyed_vectors)
+                   | "PickSampleItems" >> beam.combiners.Top.Smallest(n, key=by_rank))
+        texts = (inputs["batches"] | "KeyTexts" >> beam.FlatMap(_keyed_texts)
+                 | "PickSampleTexts" >> beam.combiners.Top.Smallest(wide, key=by_rank))
+        pixels = (inputs["images"] | "KeyPixels" >> beam.FlatMap(lambda loaded: loaded)
+                  | "PickSamplePixels" >> beam.combiners.Top.Smallest(wide, key=by_rank))
+        return vectors | "MakeQuerySamples" >> beam.FlatMap(
+            _join_sample, beam.pvalue.AsSingleton(texts), beam.pvalue.AsSingleton(pixels), self._image_options)
 
 
 # ---------------------------------------------------------------------------

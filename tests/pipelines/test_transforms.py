@@ -342,3 +342,22 @@ def test_write_annoy_shards_writes_empty_shards_and_counts_vectors_from_staging(
     assert counters["items_indexed"] == 3
     assert {name: counters.get(name, 0) for name in expected} == expected
     assert len(list((tmp_path / "shards").glob("*.ann"))) == 6 and not (tmp_path / shd.STAGING_DIR).exists()
+
+
+def test_the_query_sample_is_the_indexed_items_of_smallest_rank_with_their_text_and_pixels():
+    rng = np.random.default_rng(3)
+    ids = [f"item-{k}" for k in range(60)]
+    indexed = [i for k, i in enumerate(ids) if k % 5]  # every fifth row was rejected later on
+    batches = [(0, [row(i, title=f"title {i}") for i in ids[:30]]), (1, [row(i, title=f"title {i}") for i in ids[30:]])]
+    images = [[(i, rng.random((2, 2, 3)).astype(np.float32)) for i in ids[:30]],
+              [(i, rng.random((2, 2, 3)).astype(np.float32)) for i in ids[30:]]]
+    pixels = {i: a for batch in images for i, a in batch}
+    vec = np.ones(4, np.float32)
+    items = [shd.IndexedItem(i, None, vec, vec, vec) for i in indexed]
+    want = sorted(indexed, key=tr.sample_rank)[:8]  # computed from the rank rule, not from the transform
+    with TestPipeline() as p:
+        out = {"batches": p | "B" >> beam.Create(batches), "images": p | "I" >> beam.Create(images),
+               "items": p | "V" >> beam.Create(items)} | tr.SampleQueryInputs(size=8)
+        assert_that(out | beam.Map(lambda s: (s.item_id, s.text, s.pixels.tolist())),
+                    equal_to([(i, f"title {i}", np.round(pixels[i] * 255).astype(np.uint8).tolist())
+                              for i in want]))
