@@ -2,14 +2,14 @@
 
 The local runners hold every shuffle in memory, and the index pipeline's
 shuffles carry the items' vectors (encoded, fused). Peak memory therefore grows
-with the item count times the vector sizes. Measured (benchmarks/README.md,
-bench_index.py): 10-27 KB per item beyond the vectors with the 64/48-d tiny
-encoders; the model: a fixed base for TensorFlow and the encoders, plus per item
-an overhead and three copies of its text, image and fused vectors in float32.
-The shard stage no longer groups vectors (issue 9: staging files, only their
-names are shuffled), but that did not lower the measured peak, which is set
-earlier, by the encode stage's buffers and the query sample's pixel arrays
-(benchmarks/README.md, "Flat memory: shard staging"), so the constants stay.
+with the item count times the vector sizes. The model: a fixed base for
+TensorFlow and the encoders, plus per item an overhead and three copies of its
+text, image and fused vectors in float32. Measured (`catalog-index index`, tiny
+64/48-d encoders, 256-d, 16 shards, 10k and 100k items; benchmarks/README.md,
+"Flat memory"): 44.8 KiB per item while the query sample held every image's
+pixels, 9.5 KiB per item since it keeps only its picks (vectors included). The
+overhead below leaves room above that: the estimate is meant to refuse what
+cannot fit, not to predict the peak to the megabyte.
 
 Dataflow and other distributed runners spill shuffles to disk: no check there.
 """
@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 from schemas.errors import ConfigError
 
 BASE_BYTES = 2 * 1024 ** 3  # TensorFlow, two encoders, Beam
-PER_ITEM_OVERHEAD = 27 * 1024  # the upper end measured with the tiny encoders
+PER_ITEM_OVERHEAD = 12 * 1024  # measured 9.5 KiB per item in all, tiny vectors included
 VECTOR_COPIES = 3
 HEADROOM = 0.9  # of the memory available when the run starts
 LOCAL_RUNNERS = frozenset({None, "", "directrunner", "direct", "prismrunner", "prism", "swappingrunner",
