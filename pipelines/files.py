@@ -101,6 +101,21 @@ def read_parquet(path: str, columns: Optional[list] = None) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
+def match_paths(pattern: str, flag: str) -> list:
+    """Sorted paths a user's glob matches; ConfigError naming ``flag`` when it cannot be listed or matches
+    nothing (the one rule for --catalog and --clicks)."""
+    from schemas.errors import ConfigError, brief
+
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except (BeamIOError, ValueError) as e:
+        raise ConfigError(f"{flag} {pattern!r}: cannot list files: {brief(e)}") from e
+    paths = sorted(m.path for m in matched)
+    if not paths:
+        raise ConfigError(f"{flag} {pattern!r} matches no file; check the path or glob")
+    return paths
+
+
 def list_files(prefix_dir: str) -> list:
     """All files below a directory, recursively, as full paths (sorted)."""
     pattern = join(prefix_dir, "**")

@@ -15,7 +15,7 @@ import logging
 from typing import Optional
 
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -40,7 +40,7 @@ def default_version(now: Optional[datetime.datetime] = None) -> str:
     return now.strftime("%Y-%m-%dT%H%M%SZ")
 
 
-def _positive(name, value, minimum=1):
+def positive(name, value, minimum=1):
     if value is None or value < minimum:
         raise ConfigError(f"--{name} must be at least {minimum}, got {value}")
 
@@ -157,17 +157,17 @@ class IndexOptions(PipelineOptions):
             raise ConfigError("--catalog is required: a Parquet path or glob")
         if not self.output:
             raise ConfigError("--output is required: the directory (local or gs://) that receives versions")
-        _positive("shards", self.shards)
-        _positive("trees", self.trees)
+        positive("shards", self.shards)
+        positive("trees", self.trees)
         if self.shard_build_threads is not None:
-            _positive("shard-build-threads", self.shard_build_threads)
-        _positive("batch-size", self.batch_size)
-        _positive("max-image-pixels", self.max_image_pixels)
-        _positive("lease-seconds", self.lease_seconds, 10)
+            positive("shard-build-threads", self.shard_build_threads)
+        positive("batch-size", self.batch_size)
+        positive("max-image-pixels", self.max_image_pixels)
+        positive("lease-seconds", self.lease_seconds, 10)
         if self.dimension is not None:
-            _positive("dimension", self.dimension)
+            positive("dimension", self.dimension)
         if self.image_size is not None:
-            _positive("image-size", self.image_size)
+            positive("image-size", self.image_size)
         for flag, value in (("max-rejected-fraction", self.max_rejected_fraction),
                             ("max-degraded-fraction", self.max_degraded_fraction)):
             if not 0.0 <= value <= 1.0:
@@ -413,13 +413,7 @@ def match_catalog(pattern: str) -> tuple:
 
     Returns (sorted paths, total row count, per-file {path, size, sha256}, per-file row counts).
     """
-    try:
-        matched = FileSystems.match([pattern])[0].metadata_list
-    except (BeamIOError, ValueError) as e:
-        raise ConfigError(f"--catalog {pattern!r}: cannot list files: {brief(e)}") from e
-    paths = sorted(m.path for m in matched)
-    if not paths:
-        raise ConfigError(f"--catalog {pattern!r} matches no file; check the path or glob")
+    paths = files.match_paths(pattern, "--catalog")
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
         checked = [future.result() for future in [pool.submit(_check_file, p) for p in paths]]
     return (tuple(paths), sum(rows for rows, _ in checked), tuple(info for _, info in checked),

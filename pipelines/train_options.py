@@ -7,16 +7,12 @@ preprocessing pipeline; the training itself runs in the launching process.
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import lease
+from pipelines.options import positive  # one rule and message for every command's counts
 from schemas import layout
 from schemas.errors import ConfigError
 
 DEFAULTS = {"eval_days": 1, "epochs": 5, "batch_size": 256, "temperature": 0.05, "learning_rate": 0.001,
             "seed": 0, "max_rejected_fraction": 0.1}
-
-
-def _positive(flag: str, value, minimum=1):
-    if value is None or value < minimum:
-        raise ConfigError(f"--{flag} must be at least {minimum}, got {value}")
 
 
 class TrainOptions(PipelineOptions):
@@ -78,12 +74,12 @@ class TrainOptions(PipelineOptions):
         for flag, value in (("clicks", self.clicks), ("index", self.index), ("output", self.output)):
             if not value:
                 raise ConfigError(f"--{flag} is required (see `catalog-index train --help`)")
-        _positive("eval-days", self.eval_days)
-        _positive("epochs", self.epochs)
-        _positive("batch-size", self.batch_size, 2)
-        _positive("lease-seconds", self.lease_seconds, 10)
+        positive("eval-days", self.eval_days)
+        positive("epochs", self.epochs)
+        positive("batch-size", self.batch_size, 2)
+        positive("lease-seconds", self.lease_seconds, 10)
         if self.dimension is not None:
-            _positive("dimension", self.dimension)
+            positive("dimension", self.dimension)
         if not self.temperature > 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
         if not self.learning_rate > 0:

@@ -63,7 +63,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence, Union
 import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
@@ -713,13 +713,7 @@ def _local(path: str) -> str:
 def match_clicks(pattern: str) -> tuple:
     """(sorted paths, total rows) of the click files; ConfigError naming the file and column on a bad schema."""
     pattern = _local(pattern)
-    try:
-        matched = FileSystems.match([pattern])[0].metadata_list
-    except (BeamIOError, ValueError) as e:
-        raise ConfigError(f"--clicks {pattern!r}: cannot list files: {brief(e)}") from e
-    paths = sorted(m.path for m in matched)
-    if not paths:
-        raise ConfigError(f"--clicks {pattern!r} matches no file; check the path or glob")
+    paths = files.match_paths(pattern, "--clicks")
     rows = 0
     for path in paths:
         try:
