@@ -12,9 +12,11 @@ the release as ``catalog-index verify`` does, and only then moves
 A failed or killed run never moves a pointer, so readers that follow LATEST
 never see it; a failed run removes its own folder, ``gc`` a killed one's.
 
-Incremental runs: ``ReadPrevious`` (pipelines/reuse.py) reads a previous
-version's embeddings table into ``BatchItems``, and ``EncodeItems`` reuses the
-vectors of unchanged items instead of encoding them; the manifest counts both.
+Incremental runs: ``ReadPrevious`` (pipelines/reuse.py) reads the content keys of a
+previous version's embeddings table into ``BatchItems``; ``EncodeItems`` reuses the
+vectors of unchanged items instead of encoding them, and items with every vector
+reused skip fusion: ``WriteAnnoyShards`` copies their previous rows into their
+shards. The manifest counts reused and encoded vectors.
 """
 
 import dataclasses
@@ -271,6 +273,7 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     buckets = plan.encode_buckets(opts.batch_size)
     # Incremental runs: the previous version's rows join the items in their batches (pipelines/reuse.py).
     previous = p | "ReadPrevious" >> reuse.ReadPrevious(plan.reuse.embeddings) if plan.reuse is not None else None
+    previous_parts = plan.reuse.embeddings if plan.reuse is not None else ()
     batches = unique["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size, previous)
     encoded = batches | "EncodeItems" >> tr.EncodeItems(
         plan.text_encoder.handle, plan.image_encoder.handle, plan.image_encoder.image_size, buckets,
@@ -278,15 +281,21 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
         max_pixels=opts.max_image_pixels,
         reject_on_image_error=opts.reject_on_image_error, large_model=opts.large_model,
         model_cache=opts.model_cache, image_timeout=opts.image_timeout,
-        allow_private_hosts=bool(opts.allow_private_image_hosts), image_root=opts.image_root)
+        allow_private_hosts=bool(opts.allow_private_image_hosts), image_root=opts.image_root,
+        previous_parts=previous_parts)
     fused = encoded["items"] | "FuseEmbeddings" >> tr.FuseEmbeddings(plan.fusion)
     image_options = (tuple(plan.image_encoder.image_size), opts.max_image_pixels,
                      {"timeout": opts.image_timeout, "allow_private_hosts": bool(opts.allow_private_image_hosts),
                       "image_root": opts.image_root})
-    query_sample = {"batches": batches, tr.IMAGES: encoded[tr.IMAGES], "items": fused["items"]} | (
-        "SampleQueryInputs" >> tr.SampleQueryInputs(image_options=image_options))
-    shards = fused["items"] | "WriteAnnoyShards" >> tr.WriteAnnoyShards(
-        staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed, threads=opts.shard_threads())
+    # Unchanged items of an incremental run are not fused again: their rows go from the previous parts
+    # into their shards (pipelines/reuse.py).
+    shards = {"items": fused["items"], "carried": encoded[tr.CARRIED]} | "WriteAnnoyShards" >> tr.WriteAnnoyShards(
+        staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed, threads=opts.shard_threads(),
+        previous_parts=previous_parts)
+    sample_inputs = {"batches": batches, tr.IMAGES: encoded[tr.IMAGES], "items": fused["items"]}
+    if plan.reuse is not None:
+        sample_inputs["shards"] = shards
+    query_sample = sample_inputs | "SampleQueryInputs" >> tr.SampleQueryInputs(image_options=image_options)
 
     rejected = (
         (valid[tr.REJECTED], unique[tr.REJECTED], encoded[tr.REJECTED], fused[tr.REJECTED])

@@ -23,6 +23,7 @@ ITEMS_INDEXED = "items_indexed"
 ITEMS_REJECTED = "items_rejected"
 ITEMS_DEGRADED = "items_degraded"
 IMAGES_NOT_FETCHED = "images_not_fetched"  # image vectors reused on (image_uri, image_version) alone
+ITEMS_CARRIED = "items_carried"  # every vector reused: the previous row copied into its shard, not fused again
 # Indexed items by how each vector came about (pipelines/reuse.py); the manifest's counts of the same names.
 REUSED_TEXT = "reused_text"
 ENCODED_TEXT = "encoded_text"

@@ -10,8 +10,10 @@ with the same vector settings (options.vector_identity: encoders, fusion,
 dimension, the options in options.VECTOR_OPTIONS, preprocessing). It is used
 whole or not at all.
 
-``ReadPrevious`` reads its embeddings table into ``(item_id, Previous)``; the
-rules below decide per item (pipelines/transforms.py applies them):
+``ReadPrevious`` reads the content keys of its embeddings table into
+``(item_id, Previous)``: keys and the part that holds the row, never vectors, so
+the join with the catalog moves a few short strings per item. The rules below
+decide per item (pipelines/transforms.py applies them):
 
 - text: reused when the sha256 of item_text equals the previous row's
   ``text_sha256`` for the same item_id;
@@ -19,7 +21,11 @@ rules below decide per item (pipelines/transforms.py applies them):
   previous row's and neither version is null; otherwise fetched, and reused
   without decoding or encoding when the bytes' sha256 equals ``image_sha256``.
 
-Everything else is encoded as in a full run. The inputs digest does not depend
+Everything else is encoded as in a full run. An item whose every vector is
+reused is *carried*: its row (fused vector included: same fusion) is copied from
+the previous part straight into its new shard (``read_rows``), never fused again
+nor moved through a shuffle. An item with one vector reused and the other encoded
+gets the reused one from its part before fusion. The inputs digest does not depend
 on reuse; the manifest's ``reuse`` says where vectors came from.
 """
 
@@ -28,7 +34,7 @@ import logging
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
-import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -42,7 +48,7 @@ from schemas import layout
 
 _log = logging.getLogger(__name__)
 
-_COLUMNS = [emb.ITEM_ID, emb.TEXT_EMBEDDING, emb.IMAGE_EMBEDDING, *emb.CONTENT_KEYS]
+_KEY_COLUMNS = [emb.ITEM_ID, *emb.CONTENT_KEYS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,37 +70,55 @@ class Source:
 
 
 class Previous(NamedTuple):
-    """One item's row of the previous embeddings table: its content keys and vectors."""
+    """One item's row of the previous embeddings table: its content keys and where the row is.
+
+    A row has a text (image) vector exactly when its text_sha256 (image_sha256) is set
+    (schemas/embeddings.py), so the vectors themselves are not read to know which it has."""
 
     text_sha256: Optional[str]
-    text_embedding: Optional[np.ndarray]
     image_sha256: Optional[str]
     image_uri: Optional[str]
     image_version: Optional[str]
-    image_embedding: Optional[np.ndarray]
+    part: int  # position of its embeddings part in Source.embeddings
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_sha256 is not None
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_sha256 is not None
+
+
+class Carried(NamedTuple):
+    """An item whose every vector is reused: its previous row goes into its new shard as it is, with
+    the catalog's current title, image_uri and image_version (equal content, maybe a new URI or version)."""
+
+    item_id: str
+    part: int
+    title: Optional[str]
+    image_uri: Optional[str]
+    image_version: Optional[str]
 
 
 # --------------------------------------------------------------------------- the rules
 
 
-def text_vector(previous: Optional[Previous], text_sha256: str) -> Optional[np.ndarray]:
-    """The previous text vector when the text the encoder would see is the same, else None."""
-    if previous is None or previous.text_embedding is None or previous.text_sha256 is None:
-        return None
-    return previous.text_embedding if previous.text_sha256 == text_sha256 else None
+def text_unchanged(previous: Optional[Previous], text_sha256: str) -> bool:
+    """The text the encoder would see is the one the previous text vector was computed from."""
+    return previous is not None and previous.has_text and previous.text_sha256 == text_sha256
 
 
 def image_unchanged_by_version(previous: Optional[Previous], image_uri: Optional[str],
                                image_version: Optional[str]) -> bool:
     """Same (image_uri, image_version), neither version null, and a previous image vector: no fetch at all."""
-    return (previous is not None and previous.image_embedding is not None and image_version is not None
+    return (previous is not None and previous.has_image and image_version is not None
             and previous.image_version == image_version and previous.image_uri == image_uri)
 
 
 def image_unchanged_by_bytes(previous: Optional[Previous], image_sha256: str) -> bool:
     """The fetched bytes are the ones the previous image vector was computed from."""
-    return (previous is not None and previous.image_embedding is not None
-            and previous.image_sha256 is not None and previous.image_sha256 == image_sha256)
+    return previous is not None and previous.has_image and previous.image_sha256 == image_sha256
 
 
 # --------------------------------------------------------------------------- choosing the source
@@ -199,53 +223,94 @@ def resolve(plan, reuse_from: Optional[str] = None, no_reuse: bool = False) -> O
     return source
 
 
-# --------------------------------------------------------------------------- reading the previous vectors
-
-
-def _vectors(column) -> list:
-    """A list<float32> column as [np.ndarray or None], from one flat buffer (no per-value Python floats)."""
-    array = column.combine_chunks()
-    if len(array) == 0:
-        return []
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    valid = array.is_valid().to_numpy(zero_copy_only=False)
-    return [values[offsets[i]:offsets[i + 1]].copy() if valid[i] else None for i in range(len(array))]
+# --------------------------------------------------------------------------- reading the previous table
 
 
 class _ListRowGroups(beam.DoFn):
-    def process(self, path):
+    def process(self, element):
+        part, path = element
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             groups = pq.ParquetFile(f).metadata.num_row_groups
         for group in range(groups):
-            yield path, group
+            yield part, path, group
 
 
 class _ReadRowGroup(beam.DoFn):
     def process(self, element):
-        path, group = element
+        part, path, group = element
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            table = pq.ParquetFile(f).read_row_group(group, columns=_COLUMNS)
+            table = pq.ParquetFile(f).read_row_group(group, columns=_KEY_COLUMNS)
         ids = table.column(emb.ITEM_ID).to_pylist()
-        text, image = _vectors(table.column(emb.TEXT_EMBEDDING)), _vectors(table.column(emb.IMAGE_EMBEDDING))
-        keys = {c: table.column(c).to_pylist() for c in emb.CONTENT_KEYS}
-        for i, item_id in enumerate(ids):
-            yield item_id, Previous(keys[emb.TEXT_SHA256][i], text[i], keys[emb.IMAGE_SHA256][i],
-                                    keys[emb.IMAGE_URI][i], keys[emb.IMAGE_VERSION][i], image[i])
+        keys = [table.column(c).to_pylist() for c in emb.CONTENT_KEYS]
+        for item_id, text_sha, image_sha, uri, version in zip(ids, *keys):
+            yield item_id, Previous(text_sha, image_sha, uri, version, part)
 
 
 class ReadPrevious(beam.PTransform):
-    """A previous release's embeddings table -> (item_id, Previous), read in parallel by row group."""
+    """A previous release's embeddings table -> (item_id, Previous): content keys only, read in parallel
+    by row group. ``paths`` in the order of Source.embeddings (Previous.part indexes it)."""
 
     def __init__(self, paths):
         super().__init__()
-        self._paths = sorted(paths)
+        self._paths = list(paths)
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "ListPreviousParts" >> beam.Create(self._paths)
+            | "ListPreviousParts" >> beam.Create(list(enumerate(self._paths)))
             | "ListPreviousRowGroups" >> beam.ParDo(_ListRowGroups())
             | "SpreadPreviousRowGroups" >> beam.Reshuffle()
-            | "ReadPreviousRows" >> beam.ParDo(_ReadRowGroup())
+            | "ReadPreviousKeys" >> beam.ParDo(_ReadRowGroup())
         )
+
+
+ROW_BATCH = 8192  # rows read at a time from a previous part, so a big part is never held whole
+
+
+def read_rows(path: str, item_ids, columns) -> pa.Table:
+    """The rows of one previous embeddings part whose item_id is in ``item_ids``: ``columns`` (item_id
+    first), in the part's order. Raises CatalogIndexError when any id is missing: the part changed since
+    the run chose its source, and a half-used previous version would publish wrong vectors."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted(set(item_ids)), pa.string())
+    columns = [emb.ITEM_ID] + [c for c in columns if c != emb.ITEM_ID]
+    pieces = []
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_BATCH, columns=columns):
+            keep = pc.is_in(batch.column(0), value_set=wanted)
+            if pc.any(keep).as_py():
+                pieces.append(pa.Table.from_batches([batch.filter(keep)]))
+    table = pa.concat_tables(pieces) if pieces else None
+    found = 0 if table is None else table.num_rows
+    if found != len(wanted):
+        raise CatalogIndexError(f"the previous embeddings part {path} holds {found} of the {len(wanted)} rows "
+                                f"this run reuses from it: it changed during the run; rerun (or --no-reuse)")
+    return table
+
+
+def carried_rows(carried, paths) -> pa.Table:
+    """The previous rows of carried items (reuse.Carried, any parts), as staging rows (shards.STAGING_SCHEMA):
+    vectors and content keys as they were, title, image_uri and image_version as the catalog has them now,
+    every present vector marked reused. One read of each part named."""
+    import pyarrow.compute as pc
+
+    from pipelines import shards as shd
+
+    by_part = {}
+    for c in carried:
+        by_part.setdefault(c.part, []).append(c)
+    tables = []
+    for part in sorted(by_part):
+        now = {c.item_id: c for c in by_part[part]}
+        table = read_rows(paths[part], list(now), [emb.TEXT_EMBEDDING, emb.IMAGE_EMBEDDING, emb.EMBEDDING,
+                                                   emb.TEXT_SHA256, emb.IMAGE_SHA256])
+        rows = [now[item_id] for item_id in table.column(emb.ITEM_ID).to_pylist()]
+        text, image = table.column(emb.TEXT_EMBEDDING), table.column(emb.IMAGE_EMBEDDING)
+        tables.append(pa.Table.from_arrays([
+            table.column(emb.ITEM_ID), pa.array([r.title for r in rows], pa.string()), text, image,
+            table.column(emb.EMBEDDING), table.column(emb.TEXT_SHA256), table.column(emb.IMAGE_SHA256),
+            pa.array([r.image_uri for r in rows], pa.string()), pa.array([r.image_version for r in rows], pa.string()),
+            pc.is_valid(text), pc.is_valid(image),
+        ], schema=shd.STAGING_SCHEMA))
+    return pa.concat_tables(tables) if tables else shd.STAGING_SCHEMA.empty_table()

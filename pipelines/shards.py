@@ -57,10 +57,13 @@ class ShardInfo:
     # The shard's items by how their vectors came about (pipelines/reuse.py): {reused,encoded}_{text,image}.
     # Per modality, reused + encoded = the shard's items with that vector.
     vectors: tuple = ()  # ((name, count), ...) sorted by name
+    # Incremental runs: the query-sample candidates among the shard's carried rows (transforms.SampleQueryInputs).
+    samples: tuple = ()
 
     def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
-        del out["id_map_checksum"], out["embeddings_checksum"], out["vectors"]
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("id_map_checksum", "embeddings_checksum", "vectors", "samples"):
+            del out[name]
         return out
 
     def file_entries(self) -> dict:
@@ -154,6 +157,18 @@ def _rows_from_items(items: Sequence[IndexedItem]) -> _Rows:
         [it.text_sha256 if it.text_embedding is not None else None for it in items],
         [it.image_sha256 if it.image_embedding is not None else None for it in items],
         [it.image_uri for it in items], [it.image_version for it in items], vector_counts(items))
+
+
+def vector_list(column) -> list:
+    """A list<float32> column as [float32 array or None] per row, from one flat buffer (no Python floats)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(arr) == 0:
+        return []
+    present = np.asarray(arr.is_valid(), bool)
+    lengths = np.asarray(arr.value_lengths().fill_null(0), np.int64)
+    flat = np.asarray(arr.flatten(), np.float32)
+    ends = np.cumsum(lengths)
+    return [flat[end - n:end].copy() if p else None for p, n, end in zip(present, lengths, ends)]
 
 
 def _relist(column) -> tuple:

@@ -22,7 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.utils import shared
 
-from schemas.errors import brief
+from schemas.errors import CatalogIndexError, brief
 from embedding import encoders as enc
 from embedding import fusion as fus
 from embedding import images
@@ -33,6 +33,7 @@ from pipelines import reuse
 from pipelines import shards as shd
 from pipelines.publication import failpoint
 from schemas import catalog as cat
+from schemas import embeddings as emb
 from schemas import rejected as rej
 
 _log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ _log = logging.getLogger(__name__)
 REJECTED = "rejected"
 DEGRADED = "degraded"
 IMAGES = "images"
+CARRIED = "carried"  # incremental runs: items whose previous row goes into their shard as it is
+PARTIAL = "partial"  # incremental runs: items with a reused vector still to be read
 
 # Texts longer than this are cut before encoding: encoders truncate tokens
 # anyway, and this bounds the memory a pathological description can take.
@@ -101,6 +104,9 @@ class EncodedItem:
     image_sha256: Optional[str] = None
     text_reused: bool = False
     image_reused: bool = False
+    # Incremental runs: the previous part that holds a reused vector still to be read (text_reused or
+    # image_reused with the vector None); None once the vectors are in place.
+    part: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------
@@ -330,9 +336,9 @@ class _LoadImages(beam.DoFn):
     Fetching and decoding run in a small thread pool: fetches wait on the
     network or GCS, and Pillow releases the GIL while it decodes. Tagged
     outputs: FAILED (item_id, (reason, message)); KEYS (item_id, sha256 of the
-    decoded bytes); REUSED (item_id, (previous vector, its image_sha256)) for
-    images unchanged since the previous version (pipelines/reuse.py), which are
-    not decoded, and not even fetched when their (image_uri, image_version) match.
+    decoded bytes); REUSED (item_id, image_sha256) for images unchanged since the
+    previous version (pipelines/reuse.py), which are not decoded, and not even
+    fetched when their (image_uri, image_version) match.
     """
 
     FAILED = "failed"
@@ -387,7 +393,7 @@ class _LoadImages(beam.DoFn):
             before = previous.get(row.item_id)
             if reuse.image_unchanged_by_version(before, row.image_uri, row.image_version):
                 self._not_fetched.inc()
-                yield beam.pvalue.TaggedOutput(self.REUSED, (row.item_id, (before.image_embedding, before.image_sha256)))
+                yield beam.pvalue.TaggedOutput(self.REUSED, (row.item_id, before.image_sha256))
             else:
                 jobs.append((row, before))
         loaded = []
@@ -395,7 +401,7 @@ class _LoadImages(beam.DoFn):
             if failure is not None:
                 yield beam.pvalue.TaggedOutput(self.FAILED, (row.item_id, failure))
             elif array is None:
-                yield beam.pvalue.TaggedOutput(self.REUSED, (row.item_id, (before.image_embedding, sha)))
+                yield beam.pvalue.TaggedOutput(self.REUSED, (row.item_id, sha))
             else:
                 loaded.append((row.item_id, array))
                 yield beam.pvalue.TaggedOutput(self.KEYS, (row.item_id, sha))
@@ -410,16 +416,15 @@ def text_key(text: str) -> str:
 
 
 def _texts_by_key(element):
-    """(text key, (item_id, text)) per item to encode; tagged REUSED (item_id, vector) per item whose
+    """(text key, (item_id, text)) per item to encode; tagged REUSED (item_id, None) per item whose
     text is the one its previous vector was computed from (pipelines/reuse.py)."""
     previous = batch_previous(element)
     for r in batch_rows(element):
         text = item_text(r)
         if text is not None:
             key = text_key(text)
-            vector = reuse.text_vector(previous.get(r.item_id), key)
-            if vector is not None:
-                yield beam.pvalue.TaggedOutput(_EncodeTexts.REUSED, (r.item_id, vector))
+            if reuse.text_unchanged(previous.get(r.item_id), key):
+                yield beam.pvalue.TaggedOutput(_EncodeTexts.REUSED, (r.item_id, None))
             else:
                 yield key, (r.item_id, text)
 
@@ -459,8 +464,8 @@ class _EncodeTexts(beam.PTransform):
     Grocery train split has 81 distinct texts for 2,640 items), and the text
     encoder costs as much as the image encoder, so identical texts are grouped
     by sha256 and encoded once. Outputs {"vectors": (item_id, vector), FAILED:
-    (item_id, (reason, message)), REUSED: (item_id, previous vector)}; reused
-    texts never reach the encoder.
+    (item_id, (reason, message)), REUSED: (item_id, None)}; reused texts never
+    reach the encoder.
     """
 
     FAILED = "failed"
@@ -521,11 +526,16 @@ class _Assemble(beam.DoFn):
     """Joins one bucket's items with their vectors and failures, in the bucket's batches.
 
     Decides per item: indexed, indexed but degraded (image failed, title present),
-    or rejected. Yields lists of EncodedItem, one per original batch.
+    or rejected. Yields lists of EncodedItem, one per original batch. In an incremental
+    run, an item whose every vector is reused (and that has the vectors its previous row
+    had) goes out tagged CARRIED as a reuse.Carried: its previous row goes into its shard
+    as it is. An item with some vector reused goes out tagged PARTIAL as (part, EncodedItem)
+    to have it read from its previous part before fusion.
     """
 
     def __init__(self, reject_on_image_error: bool):
         self._reject_on_image_error = reject_on_image_error
+        self._carried = progress.counter(progress.ITEMS_CARRIED)
 
     def process(self, element):
         _, joined = element
@@ -536,32 +546,77 @@ class _Assemble(beam.DoFn):
         text_reused = dict(joined["text_reused"])
         image_reused = dict(joined["image_reused"])
         image_keys = dict(joined["image_keys"])
-        for batch, text_keys in sorted(joined["batch"], key=lambda b: b[0][0].item_id):
+        for batch, text_keys, previous in sorted(joined["batch"], key=lambda b: b[0][0].item_id):
             out = []
             for row in batch:
-                if row.item_id in encode_failed:
-                    yield beam.pvalue.TaggedOutput(REJECTED, reject(row, *encode_failed[row.item_id]))
+                item_id = row.item_id
+                if item_id in encode_failed:
+                    yield beam.pvalue.TaggedOutput(REJECTED, reject(row, *encode_failed[item_id]))
                     continue
-                reused_text = text_reused.get(row.item_id)
-                t = reused_text if reused_text is not None else text.get(row.item_id)
-                if row.item_id in image_failed:
-                    reason, message = image_failed[row.item_id]
-                    if self._reject_on_image_error or t is None or _blank(row.title):
+                reused_text = item_id in text_reused
+                t = None if reused_text else text.get(item_id)
+                has_text = reused_text or t is not None
+                if item_id in image_failed:
+                    reason, message = image_failed[item_id]
+                    if self._reject_on_image_error or not has_text or _blank(row.title):
                         yield beam.pvalue.TaggedOutput(REJECTED, reject(row, reason, message))
                         continue
                     yield beam.pvalue.TaggedOutput(
                         DEGRADED, reject(row, reason, message + "; indexed from text alone"))
-                reused_image = image_reused.get(row.item_id)
-                if reused_image is not None:
-                    img, image_sha = reused_image
+                reused_sha = image_reused.get(item_id)
+                reused_image = reused_sha is not None
+                img, image_sha = (None, reused_sha) if reused_image else (image.get(item_id), image_keys.get(item_id))
+                has_image = reused_image or img is not None
+                before = previous.get(item_id)
+                if (before is not None and (reused_text or reused_image) and item_id not in image_failed
+                        and (reused_text or not (has_text or before.has_text))
+                        and (reused_image or not (has_image or before.has_image))):
+                    self._carried.inc()
+                    progress.add(progress.ITEMS_CARRIED)
+                    yield beam.pvalue.TaggedOutput(CARRIED, reuse.Carried(
+                        item_id, before.part, row.title, None if _blank(row.image_uri) else row.image_uri,
+                        row.image_version))
+                    continue
+                item = EncodedItem(row, t, img,
+                                   text_sha256=text_keys.get(item_id) if has_text else None,
+                                   image_sha256=image_sha if has_image else None,
+                                   text_reused=reused_text, image_reused=reused_image,
+                                   part=before.part if reused_text or reused_image else None)
+                if item.part is not None:
+                    yield beam.pvalue.TaggedOutput(PARTIAL, (item.part, item))
                 else:
-                    img, image_sha = image.get(row.item_id), image_keys.get(row.item_id)
-                out.append(EncodedItem(row, t, img,
-                                       text_sha256=text_keys.get(row.item_id) if t is not None else None,
-                                       image_sha256=image_sha if img is not None else None,
-                                       text_reused=reused_text is not None, image_reused=reused_image is not None))
+                    out.append(item)
             if out:
                 yield out
+
+
+class _FillReused(beam.DoFn):
+    """(part, [EncodedItem]) -> batches of those items with their reused vectors read from the previous
+    part (one read per part), ready for fusion: the items of an incremental run that keep one vector
+    and have the other encoded."""
+
+    def __init__(self, paths, batch_size: int):
+        self._paths = tuple(paths)
+        self._batch_size = batch_size
+
+    def process(self, element):
+        part, items = element
+        items = sorted(items, key=lambda it: it.row.item_id)
+        table = reuse.read_rows(self._paths[part], [it.row.item_id for it in items],
+                                [emb.TEXT_EMBEDDING, emb.IMAGE_EMBEDDING])
+        where = {item_id: n for n, item_id in enumerate(table.column(0).to_pylist())}
+        text, image = shd.vector_list(table.column(1)), shd.vector_list(table.column(2))
+        filled = []
+        for it in items:
+            n = where[it.row.item_id]
+            t = text[n] if it.text_reused else it.text_embedding
+            img = image[n] if it.image_reused else it.image_embedding
+            if (it.text_reused and t is None) or (it.image_reused and img is None):
+                raise CatalogIndexError(f"the previous row of {it.row.item_id!r} in {self._paths[part]} lacks "
+                                              f"a vector its content keys promise; rerun with --no-reuse")
+            filled.append(dataclasses.replace(it, text_embedding=t, image_embedding=img, part=None))
+        for start in range(0, len(filled), self._batch_size):
+            yield filled[start:start + self._batch_size]
 
 
 def _slim_batch(batch):
@@ -571,7 +626,7 @@ def _slim_batch(batch):
         text = item_text(r)
         if text is not None:
             keys[r.item_id] = text_key(text)
-    return batch[0], ([r._replace(description=None) for r in rows], keys)
+    return batch[0], ([r._replace(description=None) for r in rows], keys, batch_previous(batch))
 
 
 class EncodeItems(beam.PTransform):
@@ -579,16 +634,19 @@ class EncodeItems(beam.PTransform):
 
     Input: deterministic batches from BatchItems. Outputs {"items": [EncodedItem]
     per batch, "rejected": Rejection, "degraded": Rejection, "images": the loaded
-    pixels per batch}. Batches that carry previous rows (BatchItems with
-    ``previous``) reuse those vectors by pipelines/reuse.py's rules.
+    pixels per batch, "carried": reuse.Carried}. Batches with previous rows (BatchItems
+    with ``previous``) reuse vectors by pipelines/reuse.py's rules: items with every
+    vector reused leave as "carried" (WriteAnnoyShards copies their rows), the
+    vectors of the others are read from ``previous_parts`` (reuse.Source.embeddings).
     """
 
     def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int, batch_size: int = 32,
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, reject_on_image_error: bool = False,
                  large_model: bool = False, model_cache: Optional[str] = None,
                  image_timeout: float = images.DEFAULT_TIMEOUT_S, allow_private_hosts: bool = False,
-                 image_root: Optional[str] = None):
+                 image_root: Optional[str] = None, previous_parts=()):
         super().__init__()
+        self._previous_parts = tuple(previous_parts)
         self._fetch_options = {"timeout": image_timeout, "allow_private_hosts": allow_private_hosts,
                                "image_root": image_root}
         # Batches are formed upstream (BatchItems), so RunInference must not re-batch.
@@ -636,11 +694,17 @@ class EncodeItems(beam.PTransform):
             }
             | "JoinVectors" >> beam.CoGroupByKey()
             | "AssembleItems" >> beam.ParDo(_Assemble(self._reject_on_image_error)).with_outputs(
-                REJECTED, DEGRADED, main="items")
+                REJECTED, DEGRADED, CARRIED, PARTIAL, main="items")
         )
+        items = joined.items
+        if self._previous_parts:
+            filled = (joined[PARTIAL]
+                      | "GroupPartialByPart" >> beam.GroupByKey()
+                      | "ReadReusedVectors" >> beam.ParDo(_FillReused(self._previous_parts, self._batch_size)))
+            items = (items, filled) | "FlattenFilledItems" >> beam.Flatten()
         # "images": the prepared pixels, per batch [(item_id, float32 [h, w, 3])], for SampleQueryInputs.
-        return {"items": joined.items, REJECTED: joined[REJECTED], DEGRADED: joined[DEGRADED],
-                IMAGES: loaded.arrays}
+        return {"items": items, REJECTED: joined[REJECTED], DEGRADED: joined[DEGRADED],
+                IMAGES: loaded.arrays, CARRIED: joined[CARRIED]}
 
 
 class _Fuse(beam.DoFn):
@@ -780,8 +844,10 @@ class SampleQueryInputs(beam.PTransform):
     """Carries up to ``size`` indexed items' raw text, pixels and vectors to the publisher.
 
     Input: {"batches": BatchItems' output, "images": EncodeItems' "images", "items":
-    FuseEmbeddings' items}. The items are the indexed ones with the smallest
-    ``sample_rank``, so reruns check the same items. Output: QuerySample.
+    FuseEmbeddings' items, and in an incremental run "shards": WriteAnnoyShards' output,
+    whose ShardInfo.samples are the candidates among carried items}. The items are the
+    indexed ones with the smallest ``sample_rank`` (carried or not: the same items as a
+    full run), so reruns check the same items. Output: QuerySample.
 
     ``image_options`` (image size, max pixels, images.fetch_image_bytes keywords): in an incremental
     run, a sampled item whose image vector was reused has no pixels in "images"; its image is then
@@ -802,8 +868,11 @@ class SampleQueryInputs(beam.PTransform):
         def by_rank(kv):
             return sample_rank(kv[0])
 
-        vectors = (inputs["items"] | "KeyVectors" >> beam.Map(_keyed_vectors)
-                   | "PickSampleItems" >> beam.combiners.Top.Smallest(n, key=by_rank))
+        vectors = inputs["items"] | "KeyVectors" >> beam.Map(_keyed_vectors)
+        if "shards" in inputs:  # incremental runs: candidates among the carried items, from their shards
+            carried = inputs["shards"] | "CarriedSamples" >> beam.FlatMap(lambda info: info.samples)
+            vectors = (vectors, carried) | "FlattenSampleItems" >> beam.Flatten()
+        vectors = vectors | "PickSampleItems" >> beam.combiners.Top.Smallest(n, key=by_rank)
         texts = (inputs["batches"] | "KeyTexts" >> beam.FlatMap(_keyed_texts)
                  | "PickSampleTexts" >> beam.combiners.Top.Smallest(wide, key=by_rank))
         pixels = (inputs["images"] | "KeyPixels" >> beam.FlatMap(lambda loaded: loaded)
@@ -869,9 +938,12 @@ class _BuildShard(beam.DoFn):
     count. (A distributed runner that retries a bundle after a shard's staging files were deleted fails
     the run there: nothing wrong is published, the failed run's release folder is removed.)"""
 
-    def __init__(self, num_shards, dim, trees, seed, version_dir, threads=1):
+    def __init__(self, num_shards, dim, trees, seed, version_dir, threads=1, previous_parts=(),
+                 sample_size=QUERY_SAMPLE_SIZE):
         self._args = (num_shards, dim, trees, seed, version_dir)
         self._threads = max(1, int(threads or 1))
+        self._previous_parts = tuple(previous_parts)
+        self._sample_size = sample_size
         self._indexed = progress.counter(progress.ITEMS_INDEXED)
         # Counted where the shard is written, from its items: exactly what the manifest counts.
         self._vectors = {name: progress.counter(name) for name in progress.VECTOR_COUNTERS}
@@ -883,10 +955,16 @@ class _BuildShard(beam.DoFn):
         num_shards, dim, trees, seed, version_dir = self._args
         staged = sorted(joined["staged"])
         table = shd.read_staged([path for path, _ in staged], sum(n for _, n in staged))
+        carried = list(joined.get("carried") or ())
+        samples = ()
+        if carried:  # incremental runs: unchanged items' previous rows, read straight from their parts
+            rows = reuse.carried_rows(carried, self._previous_parts)
+            samples = _sample_rows(rows, self._sample_size)
+            table = pa.concat_tables([table, rows])
         info = shd.write_shard(table, index, num_shards, dim, trees, seed, version_dir)
         del table
         files.delete_tree(shd.shard_staging_dir(version_dir, index))  # also any file a retried bundle left
-        return info
+        return dataclasses.replace(info, samples=samples)
 
     def _done(self, info):
         failpoint("after_shard")
@@ -924,6 +1002,19 @@ class _BuildShard(beam.DoFn):
             self._pool = None
 
 
+def _sample_rows(rows: pa.Table, n: int) -> tuple:
+    """The query-sample candidates among carried rows: the ``n`` smallest sample ranks, keyed as
+    SampleQueryInputs keys fused items (_keyed_vectors)."""
+    ids = rows.column(emb.ITEM_ID).to_pylist()
+    picked = sorted(range(len(ids)), key=lambda i: sample_rank(ids[i]))[:n]
+    sub = rows.take(pa.array(picked, pa.int64()))
+    text, image, fused = (shd.vector_list(sub.column(c)) for c in (emb.TEXT_EMBEDDING, emb.IMAGE_EMBEDDING,
+                                                                    emb.EMBEDDING))
+    uris, shas = sub.column(emb.IMAGE_URI).to_pylist(), sub.column(emb.IMAGE_SHA256).to_pylist()
+    return tuple((ids[i], ((t, img, e), (uri, sha)))
+                 for i, t, img, e, uri, sha in zip(picked, text, image, fused, uris, shas))
+
+
 class WriteAnnoyShards(beam.PTransform):
     """Assigns items to shards by stable hash and builds each shard as one Beam element.
 
@@ -932,9 +1023,15 @@ class WriteAnnoyShards(beam.PTransform):
     built from its own files. Shards build in parallel across workers and in a thread pool within one
     (one shard's items must fit in one worker's memory). Every shard 0..N-1 is written, empty ones
     included, so readers can rely on N files.
+
+    Input: the fused IndexedItems, or {"items": them, "carried": reuse.Carried} in an incremental run
+    (``previous_parts``: reuse.Source.embeddings): only carried items' ids and current catalog fields go
+    through the shuffle; each shard reads their rows from the previous parts (reuse.carried_rows) and
+    reports its query-sample candidates among them in ShardInfo.samples.
     """
 
-    def __init__(self, version_dir: str, num_shards: int, dim: int, trees: int, seed: int, threads: int = 1):
+    def __init__(self, version_dir: str, num_shards: int, dim: int, trees: int, seed: int, threads: int = 1,
+                 previous_parts=()):
         super().__init__()
         self._version_dir = version_dir
         self._num_shards = num_shards
@@ -942,16 +1039,23 @@ class WriteAnnoyShards(beam.PTransform):
         self._trees = trees
         self._seed = seed
         self._threads = threads
+        self._previous_parts = tuple(previous_parts)
 
-    def expand(self, items) -> beam.PCollection[shd.ShardInfo]:
+    def expand(self, inputs) -> beam.PCollection[shd.ShardInfo]:
         n = self._num_shards
+        items, carried = (inputs["items"], inputs.get("carried")) if isinstance(inputs, dict) else (inputs, None)
         staged = items | "StageByShard" >> beam.ParDo(_StageItems(self._version_dir, n))
         slots = items.pipeline | "ListShards" >> beam.Create([(i, None) for i in range(n)])
+        grouped = {"staged": staged, "slot": slots}
+        if carried is not None:
+            grouped["carried"] = carried | "KeyCarriedByShard" >> beam.Map(
+                lambda c: (shd.stable_shard(c.item_id, n), c))
         infos = (
-            {"staged": staged, "slot": slots}
+            grouped
             | "GroupByShard" >> beam.CoGroupByKey()
             | "BuildShards" >> beam.ParDo(
-                _BuildShard(n, self._dim, self._trees, self._seed, self._version_dir, self._threads))
+                _BuildShard(n, self._dim, self._trees, self._seed, self._version_dir, self._threads,
+                            self._previous_parts))
         )
         # Once every shard is written the staging folder goes (with any file a retried bundle left), so
         # nothing of it reaches the manifest or outlives the run.

@@ -32,7 +32,7 @@ from pipelines import transforms as tr
 from schemas import catalog as cat
 from schemas import embeddings as emb
 from schemas import layout
-from schemas.errors import CatalogSchemaError, ConfigError
+from schemas.errors import CatalogIndexError, CatalogSchemaError, ConfigError
 
 SCHEMA = sample.SAMPLE_SCHEMA.append(pa.field(cat.IMAGE_VERSION, pa.string(), nullable=True))
 SIZE = (32, 32)
@@ -89,10 +89,17 @@ def _expected(rows_a, images_a, rows_b, images_b):
             reused_image.add(item_id)
         elif sha == before[2]:
             reused_image.add(item_id)
+    # Carried: items of A whose every vector is reused and that lack no vector they had; their rows are copied
+    # into the new shards without fusion. Not carried: new or changed content, a gone or failing image.
+    ids_a = {r["item_id"] for r in rows_a}
+    carried = {r["item_id"] for r in rows_b if r["item_id"] in ids_a
+               and (r["item_id"] in reused_text or r["item_id"] in reused_image)
+               and (r["item_id"] in reused_text or (_text(r) is None and r["item_id"] not in text_a))
+               and (r["item_id"] in reused_image or (not r["image_uri"] and r["item_id"] not in images_a))}
     return {
         "counts": {"reused_text": len(reused_text), "encoded_text": with_text - len(reused_text),
                    "reused_image": len(reused_image), "encoded_image": len(images_b) - len(reused_image)},
-        "reused_text": reused_text, "reused_image": reused_image, "not_fetched": not_fetched,
+        "reused_text": reused_text, "reused_image": reused_image, "not_fetched": not_fetched, "carried": carried,
     }
 
 
@@ -205,6 +212,9 @@ def test_incremental_counts_are_exact(runs):
         assert _metric(result, name) == counts[name], name
     assert _metric(result, "images_not_fetched") == len(expected["not_fetched"]) >= 20
     assert _metric(result, "images_loaded") == counts["encoded_image"]
+    # Carried items are neither fused again nor decoded: only the others went through fusion.
+    assert _metric(result, "items_carried") == len(expected["carried"]) > 100
+    assert _metric(result, "items_fused") == counts["indexed"] - len(expected["carried"])
     summary = result.summary()
     assert (f"text vectors reused {counts['reused_text']}, encoded {counts['encoded_text']}; image vectors reused "
             f"{counts['reused_image']}, encoded {counts['encoded_image']} (from a/") in summary
@@ -230,6 +240,27 @@ def test_reused_vectors_are_the_previous_versions_bit_for_bit(runs):
     for item_id in expected["reused_image"]:
         assert after[item_id][emb.IMAGE_EMBEDDING] == before[item_id][emb.IMAGE_EMBEDDING], item_id
         assert after[item_id][emb.IMAGE_SHA256] == before[item_id][emb.IMAGE_SHA256]
+    # Carried rows: the fused vector too, and the catalog's current URI, version and title.
+    rows_a = {r["item_id"]: r for r in runs["rows_a"]}
+    rows_b = {r["item_id"]: r for r in runs["rows_b"]}
+    for item_id in expected["carried"]:
+        assert after[item_id][emb.EMBEDDING] == before[item_id][emb.EMBEDDING], item_id
+        now = rows_b[item_id]
+        assert (after[item_id][emb.TITLE], after[item_id][emb.IMAGE_URI], after[item_id][emb.IMAGE_VERSION]) == (
+            now["title"], now["image_uri"] or None, now[cat.IMAGE_VERSION]), item_id
+    # Among them the same bytes at a new URI and under a new version.
+    assert any(rows_a[i]["image_uri"] != rows_b[i]["image_uri"] for i in expected["carried"])
+    assert any(rows_a[i][cat.IMAGE_VERSION] != rows_b[i][cat.IMAGE_VERSION] for i in expected["carried"])
+
+
+def test_read_rows_refuses_a_part_without_the_rows_it_promised(tmp_path):
+    path = str(tmp_path / "part.parquet")
+    pq.write_table(pa.table({emb.ITEM_ID: ["a", "b", "c"], emb.TITLE: ["x", "y", "z"]}), path)
+    table = reuse.read_rows(path, ["c", "a"], [emb.TITLE])
+    assert table.column_names == [emb.ITEM_ID, emb.TITLE] and table.to_pydict() == {
+        emb.ITEM_ID: ["a", "c"], emb.TITLE: ["x", "z"]}
+    with pytest.raises(CatalogIndexError, match="holds 1 of the 2 rows"):
+        reuse.read_rows(path, ["a", "gone"], [emb.TITLE])
 
 
 def _batch_invariant(encoders, rows):
@@ -269,6 +300,9 @@ def test_incremental_output_matches_a_full_run(runs, tiny_encoders):
             if row[key] is not None:
                 worst = max(worst, float(np.abs(np.array(row[key]) - np.array(other[key])).max()))
     assert worst < 1e-6
+    # The query encoder was checked on the same sampled items as in the full run, carried ones included.
+    for kind in ("text", "image", "text_and_image"):
+        assert mi["query_encoder"]["parity"][kind]["items"] == mf["query_encoder"]["parity"][kind]["items"] > 8, kind
     # The content keys are what they claim: sha256 of the text the encoder saw and of the image bytes.
     rows_b = {r["item_id"]: r for r in runs["rows_b"]}
     for item_id, row in a.items():
