@@ -29,6 +29,7 @@ versions stop being comparable; a fitted reduction can still come in as a
 """
 
 import dataclasses
+import functools
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -52,19 +53,23 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
+@functools.lru_cache(maxsize=8)
 def projection_matrix(in_dim: int, out_dim: int, seed: int) -> np.ndarray:
-    """A seeded [in_dim, out_dim] matrix with orthonormal rows or columns.
+    """A seeded [in_dim, out_dim] matrix with orthonormal rows or columns (read-only).
 
     Built from a Gaussian matrix by QR so every worker (and every rerun) makes
-    the same matrix from the same seed without shipping it around.
+    the same matrix from the same seed without shipping it around. Cached: the QR
+    of 1,664 x 256 takes ~1 s here, and one run needs the matrix four times
+    (fusion, query encoder export, parity, recall gate).
     """
     rng = np.random.default_rng(seed)
     big, small = max(in_dim, out_dim), min(in_dim, out_dim)
     q, r = np.linalg.qr(rng.standard_normal((big, small)))
     # Fix QR's sign ambiguity so the result does not depend on the LAPACK build.
     q = q * np.sign(np.diag(r))
-    q = q if in_dim >= out_dim else q.T
-    return q.astype(np.float32)
+    q = (q if in_dim >= out_dim else q.T).astype(np.float32)
+    q.setflags(write=False)  # shared by every caller through the cache
+    return q
 
 
 @dataclasses.dataclass(frozen=True)

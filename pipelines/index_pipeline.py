@@ -24,6 +24,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -188,12 +189,28 @@ def _ship_query_encoder(plan: IndexPlan, samples, model_cache: Optional[str]) ->
     filesystem). Returns (the manifest's ``query_encoder`` entry, {relative path: {size, sha256}} of
     its files). Raises PublicationError when a sampled item's query vector is off.
     """
-    with tempfile.TemporaryDirectory(prefix="catalog-index-query-encoder-") as tmp:
-        local = qe.export_query_encoder(plan.text_encoder, plan.image_encoder, plan.fusion,
-                                        os.path.join(tmp, qe.DIRECTORY), model_cache, tr.MAX_TEXT_CHARS)
+    def export(local):
+        qe.export_query_encoder(plan.text_encoder, plan.image_encoder, plan.fusion, local, model_cache,
+                                tr.MAX_TEXT_CHARS)
+        return "exported"
+
+    def check(local):
         parity = qe.measure_parity(qe.QueryEncoder(local), fus.make_fusion(plan.fusion.query_spec()), samples,
                                    query_tower=plan.fusion.query_path is not None)
-        problem = qe.parity_problem(parity)
+        return parity, qe.parity_problem(parity)
+
+    with tempfile.TemporaryDirectory(prefix="catalog-index-query-encoder-") as tmp:
+        local = os.path.join(tmp, qe.DIRECTORY)
+        # An incremental run's previous version has the same encoders and fusion (reuse's vector identity):
+        # its query encoder is copied, not exported again, and checked on this run's sample all the same.
+        how = _copy_previous_query_encoder(plan, local) or export(local)
+        parity, problem = check(local)
+        if problem is not None and how != "exported":
+            _log.warning("the query encoder of %s does not reproduce this run's vectors (%s); exporting a new one",
+                         plan.reuse.describe(), problem)
+            shutil.rmtree(local)
+            how = export(local)
+            parity, problem = check(local)
         if problem is not None:
             raise PublicationError(f"the query encoder does not reproduce the pipeline's vectors: {problem}. "
                                    f"Nothing was published (LATEST was not touched)")
@@ -203,9 +220,30 @@ def _ship_query_encoder(plan: IndexPlan, samples, model_cache: Optional[str]) ->
                 rel = qe.DIRECTORY + "/" + os.path.relpath(os.path.join(root, name), local).replace(os.sep, "/")
                 size, sha = files.copy_local_file(os.path.join(root, name), files.join(plan.release_dir, rel))
                 entries[rel] = {"size": size, "sha256": sha}
-    _log.info("query encoder: %d files; parity %s", len(entries),
+    _log.info("query encoder: %d files, %s; parity %s", len(entries), how,
               {n: parity[n].get("min_cosine") for n in qe.SIGNATURES})
     return {"path": qe.DIRECTORY, "parity": parity}, entries
+
+
+def _copy_previous_query_encoder(plan: IndexPlan, local: str) -> Optional[str]:
+    """Copies the reuse source's query encoder to ``local``; returns how (for the log), or None when there
+    is none to copy or a file does not match its recorded checksum (then the caller exports one)."""
+    source = plan.reuse
+    if source is None or not source.query_encoder:
+        return None
+    prefix = source.query_encoder[0][0].split("/")[0] + "/"
+    for rel, size, sha in source.query_encoder:
+        data = files.read_bytes(files.join(source.release_dir, rel))
+        if len(data) != size or pub.sha256_bytes(data) != sha:
+            _log.warning("the query encoder of %s changed since it was verified (%s); exporting a new one",
+                         source.describe(), rel)
+            shutil.rmtree(local, ignore_errors=True)
+            return None
+        path = os.path.join(local, *rel[len(prefix):].split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return f"copied from {source.describe()}"
 
 
 def _same_content(output: str, manifest: dict):

@@ -60,6 +60,9 @@ class Source:
     release_dir: str
     embeddings: tuple  # full paths of its embeddings table's parts
     items: int
+    # ((relative path, size, sha256), ...) of its query encoder's files when this tool version wrote it:
+    # the publisher copies them instead of exporting the same model again (and checks parity either way).
+    query_encoder: tuple = ()
 
     def to_json(self) -> dict:
         """The manifest's ``reuse.source``."""
@@ -189,7 +192,14 @@ def _check(plan, release_dir: str, pointer) -> Source:
         raise _Unusable(f"it does not verify: {e}") from None
     except Exception as e:  # unreadable in any other way: never half-used
         raise _Unusable(f"it cannot be read: {brief(e)}") from None
-    return Source(manifest["version"], manifest["release"], release_dir, parts, manifest["counts"]["indexed"])
+    query_encoder = ()
+    entry = manifest.get("query_encoder")
+    if entry and (manifest.get("tool") or {}).get("version") == layout.TOOL_VERSION:
+        prefix = entry["path"].rstrip("/") + "/"
+        query_encoder = tuple((rel, f["size"], f["sha256"]) for rel, f in sorted(manifest["files"].items())
+                              if rel.startswith(prefix))
+    return Source(manifest["version"], manifest["release"], release_dir, parts, manifest["counts"]["indexed"],
+                  query_encoder)
 
 
 def resolve(plan, reuse_from: Optional[str] = None, no_reuse: bool = False) -> Optional[Source]:

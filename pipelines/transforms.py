@@ -336,9 +336,10 @@ class _LoadImages(beam.DoFn):
     Fetching and decoding run in a small thread pool: fetches wait on the
     network or GCS, and Pillow releases the GIL while it decodes. Tagged
     outputs: FAILED (item_id, (reason, message)); KEYS (item_id, sha256 of the
-    decoded bytes); REUSED (item_id, image_sha256) for images unchanged since the
-    previous version (pipelines/reuse.py), which are not decoded, and not even
-    fetched when their (image_uri, image_version) match.
+    decoded bytes); REUSED (item_id, image_sha256) for images fetched and found
+    unchanged since the previous version (pipelines/reuse.py), which are not
+    decoded. Images whose (image_uri, image_version) match are not even fetched and
+    produce nothing: _Assemble applies the same rule to the batch.
     """
 
     FAILED = "failed"
@@ -393,7 +394,6 @@ class _LoadImages(beam.DoFn):
             before = previous.get(row.item_id)
             if reuse.image_unchanged_by_version(before, row.image_uri, row.image_version):
                 self._not_fetched.inc()
-                yield beam.pvalue.TaggedOutput(self.REUSED, (row.item_id, before.image_sha256))
             else:
                 jobs.append((row, before))
         loaded = []
@@ -416,16 +416,14 @@ def text_key(text: str) -> str:
 
 
 def _texts_by_key(element):
-    """(text key, (item_id, text)) per item to encode; tagged REUSED (item_id, None) per item whose
-    text is the one its previous vector was computed from (pipelines/reuse.py)."""
+    """(text key, (item_id, text)) per item to encode. Items whose text is the one their previous vector
+    was computed from (pipelines/reuse.py) produce nothing: _Assemble applies the same rule."""
     previous = batch_previous(element)
     for r in batch_rows(element):
         text = item_text(r)
         if text is not None:
             key = text_key(text)
-            if reuse.text_unchanged(previous.get(r.item_id), key):
-                yield beam.pvalue.TaggedOutput(_EncodeTexts.REUSED, (r.item_id, None))
-            else:
+            if not reuse.text_unchanged(previous.get(r.item_id), key):
                 yield key, (r.item_id, text)
 
 
@@ -464,12 +462,10 @@ class _EncodeTexts(beam.PTransform):
     Grocery train split has 81 distinct texts for 2,640 items), and the text
     encoder costs as much as the image encoder, so identical texts are grouped
     by sha256 and encoded once. Outputs {"vectors": (item_id, vector), FAILED:
-    (item_id, (reason, message)), REUSED: (item_id, None)}; reused texts never
-    reach the encoder.
+    (item_id, (reason, message))}; reused texts never reach the encoder.
     """
 
     FAILED = "failed"
-    REUSED = "text_reused"
 
     def __init__(self, handler, num_buckets, batch_size):
         super().__init__()
@@ -479,8 +475,8 @@ class _EncodeTexts(beam.PTransform):
 
     def expand(self, batches):
         nb = self._num_buckets
-        keyed = batches | "KeyTexts" >> beam.ParDo(_KeyTexts()).with_outputs(self.REUSED, main="texts")
-        by_text = keyed.texts | "GroupByText" >> beam.GroupByKey()
+        keyed = batches | "KeyTexts" >> beam.ParDo(_KeyTexts())
+        by_text = keyed | "GroupByText" >> beam.GroupByKey()
         unique_batches = (
             by_text
             | "KeyTextBuckets" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % nb, (kv[0], next(iter(kv[1]))[1])))
@@ -497,7 +493,7 @@ class _EncodeTexts(beam.PTransform):
             | "JoinTextVectors" >> beam.CoGroupByKey()
             | "FanOutTexts" >> beam.FlatMap(_fan_out_texts).with_outputs(self.FAILED, main="vectors")
         )
-        return {"vectors": fanned.vectors, self.FAILED: fanned[self.FAILED], self.REUSED: keyed[self.REUSED]}
+        return {"vectors": fanned.vectors, self.FAILED: fanned[self.FAILED]}
 
 
 def _failure_text(exc) -> str:
@@ -527,9 +523,9 @@ class _Assemble(beam.DoFn):
 
     Decides per item: indexed, indexed but degraded (image failed, title present),
     or rejected. Yields lists of EncodedItem, one per original batch. In an incremental
-    run, an item whose every vector is reused (and that has the vectors its previous row
-    had) goes out tagged CARRIED as a reuse.Carried: its previous row goes into its shard
-    as it is. An item with some vector reused goes out tagged PARTIAL as (part, EncodedItem)
+    run, items whose every vector is reused (and that have the vectors their previous rows
+    had) go out tagged CARRIED, a list of reuse.Carried per batch: their previous rows go
+    into their shards as they are. An item with some vector reused goes out tagged PARTIAL as (part, EncodedItem)
     to have it read from its previous part before fusion.
     """
 
@@ -543,17 +539,18 @@ class _Assemble(beam.DoFn):
         image = dict(joined["image"])
         image_failed = dict(joined["image_failed"])
         encode_failed = dict(joined["encode_failed"])
-        text_reused = dict(joined["text_reused"])
-        image_reused = dict(joined["image_reused"])
+        image_reused = dict(joined["image_reused"])  # fetched, found unchanged: {item_id: sha256}
         image_keys = dict(joined["image_keys"])
         for batch, text_keys, previous in sorted(joined["batch"], key=lambda b: b[0][0].item_id):
-            out = []
+            out, carried = [], []
             for row in batch:
                 item_id = row.item_id
                 if item_id in encode_failed:
                     yield beam.pvalue.TaggedOutput(REJECTED, reject(row, *encode_failed[item_id]))
                     continue
-                reused_text = item_id in text_reused
+                before = previous.get(item_id)
+                # The rules of pipelines/reuse.py, as _KeyTexts and _LoadImages applied them to this batch.
+                reused_text = item_id in text_keys and reuse.text_unchanged(before, text_keys[item_id])
                 t = None if reused_text else text.get(item_id)
                 has_text = reused_text or t is not None
                 if item_id in image_failed:
@@ -564,18 +561,17 @@ class _Assemble(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(
                         DEGRADED, reject(row, reason, message + "; indexed from text alone"))
                 reused_sha = image_reused.get(item_id)
+                if reused_sha is None and not _blank(row.image_uri) and reuse.image_unchanged_by_version(
+                        before, row.image_uri, row.image_version):
+                    reused_sha = before.image_sha256
                 reused_image = reused_sha is not None
                 img, image_sha = (None, reused_sha) if reused_image else (image.get(item_id), image_keys.get(item_id))
                 has_image = reused_image or img is not None
-                before = previous.get(item_id)
                 if (before is not None and (reused_text or reused_image) and item_id not in image_failed
                         and (reused_text or not (has_text or before.has_text))
                         and (reused_image or not (has_image or before.has_image))):
-                    self._carried.inc()
-                    progress.add(progress.ITEMS_CARRIED)
-                    yield beam.pvalue.TaggedOutput(CARRIED, reuse.Carried(
-                        item_id, before.part, row.title, None if _blank(row.image_uri) else row.image_uri,
-                        row.image_version))
+                    carried.append(reuse.Carried(item_id, before.part, row.title,
+                                                 None if _blank(row.image_uri) else row.image_uri, row.image_version))
                     continue
                 item = EncodedItem(row, t, img,
                                    text_sha256=text_keys.get(item_id) if has_text else None,
@@ -588,6 +584,10 @@ class _Assemble(beam.DoFn):
                     out.append(item)
             if out:
                 yield out
+            if carried:  # one element per batch, not per item: most items of a nightly run are carried
+                self._carried.inc(len(carried))
+                progress.add(progress.ITEMS_CARRIED, len(carried))
+                yield beam.pvalue.TaggedOutput(CARRIED, carried)
 
 
 class _FillReused(beam.DoFn):
@@ -634,7 +634,7 @@ class EncodeItems(beam.PTransform):
 
     Input: deterministic batches from BatchItems. Outputs {"items": [EncodedItem]
     per batch, "rejected": Rejection, "degraded": Rejection, "images": the loaded
-    pixels per batch, "carried": reuse.Carried}. Batches with previous rows (BatchItems
+    pixels per batch, "carried": [reuse.Carried] per batch}. Batches with previous rows (BatchItems
     with ``previous``) reuse vectors by pipelines/reuse.py's rules: items with every
     vector reused leave as "carried" (WriteAnnoyShards copies their rows), the
     vectors of the others are read from ``previous_parts`` (reuse.Source.embeddings).
@@ -685,7 +685,6 @@ class EncodeItems(beam.PTransform):
             {
                 "batch": slim,
                 "text": texts["vectors"] | "BucketTexts" >> beam.Map(by_bucket),
-                "text_reused": texts[_EncodeTexts.REUSED] | "BucketReusedTexts" >> beam.Map(by_bucket),
                 "image_reused": loaded[_LoadImages.REUSED] | "BucketReusedImages" >> beam.Map(by_bucket),
                 "image_keys": loaded[_LoadImages.KEYS] | "BucketImageKeys" >> beam.Map(by_bucket),
                 "image": image_vectors | "BucketImages" >> beam.Map(by_bucket),
@@ -955,7 +954,7 @@ class _BuildShard(beam.DoFn):
         num_shards, dim, trees, seed, version_dir = self._args
         staged = sorted(joined["staged"])
         table = shd.read_staged([path for path, _ in staged], sum(n for _, n in staged))
-        carried = list(joined.get("carried") or ())
+        carried = [c for group in joined.get("carried") or () for c in group]
         samples = ()
         if carried:  # incremental runs: unchanged items' previous rows, read straight from their parts
             rows = reuse.carried_rows(carried, self._previous_parts)
@@ -1002,6 +1001,14 @@ class _BuildShard(beam.DoFn):
             self._pool = None
 
 
+def _carried_by_shard(carried: list, num_shards: int):
+    """[reuse.Carried] of one batch -> (shard, [reuse.Carried]) per shard it touches."""
+    by_shard = {}
+    for c in carried:
+        by_shard.setdefault(shd.stable_shard(c.item_id, num_shards), []).append(c)
+    yield from by_shard.items()
+
+
 def _sample_rows(rows: pa.Table, n: int) -> tuple:
     """The query-sample candidates among carried rows: the ``n`` smallest sample ranks, keyed as
     SampleQueryInputs keys fused items (_keyed_vectors)."""
@@ -1024,7 +1031,7 @@ class WriteAnnoyShards(beam.PTransform):
     (one shard's items must fit in one worker's memory). Every shard 0..N-1 is written, empty ones
     included, so readers can rely on N files.
 
-    Input: the fused IndexedItems, or {"items": them, "carried": reuse.Carried} in an incremental run
+    Input: the fused IndexedItems, or {"items": them, "carried": [reuse.Carried]} in an incremental run
     (``previous_parts``: reuse.Source.embeddings): only carried items' ids and current catalog fields go
     through the shuffle; each shard reads their rows from the previous parts (reuse.carried_rows) and
     reports its query-sample candidates among them in ShardInfo.samples.
@@ -1048,8 +1055,7 @@ class WriteAnnoyShards(beam.PTransform):
         slots = items.pipeline | "ListShards" >> beam.Create([(i, None) for i in range(n)])
         grouped = {"staged": staged, "slot": slots}
         if carried is not None:
-            grouped["carried"] = carried | "KeyCarriedByShard" >> beam.Map(
-                lambda c: (shd.stable_shard(c.item_id, n), c))
+            grouped["carried"] = carried | "KeyCarriedByShard" >> beam.FlatMap(_carried_by_shard, n)
         infos = (
             grouped
             | "GroupByShard" >> beam.CoGroupByKey()

@@ -337,6 +337,35 @@ def test_an_incremental_run_is_reproducible(runs, tiny_encoders):
         assert second["files"][part] == first["files"][part]
 
 
+def _query_encoder_files(manifest):
+    prefix = manifest["query_encoder"]["path"] + "/"
+    return {rel: f for rel, f in manifest["files"].items() if rel.startswith(prefix)}
+
+
+def test_the_query_encoder_is_copied_from_the_previous_version(runs):
+    previous, inc = _query_encoder_files(runs["a"].manifest), _query_encoder_files(runs["incremental"].manifest)
+    assert previous and inc == previous  # the same files, byte for byte (checked with parity all the same)
+
+
+def test_a_copied_query_encoder_that_fails_parity_is_exported_again(runs, tiny_encoders, monkeypatch, caplog):
+    from embedding import query_encoder as qe
+
+    real, calls = qe.parity_problem, []
+
+    def first_fails(parity):  # as if the previous version's query encoder no longer matched this run's vectors
+        calls.append(parity)
+        return "forced for the test" if len(calls) == 1 else real(parity)
+
+    monkeypatch.setattr(qe, "parity_problem", first_fails)
+    caplog.set_level(logging.INFO)
+    result = index_pipeline.run(_args(runs["catalog_b"], runs["output"], tiny_encoders, "--version", "b-export",
+                                      "--reuse-from", os.path.join(runs["output"], "a"),
+                                      "--snapshot-time", "2000-01-01"))
+    assert len(calls) == 2 and "forced for the test); exporting a new one" in caplog.text
+    assert "files, exported; parity" in caplog.text
+    assert result.manifest["query_encoder"]["parity"] == runs["incremental"].manifest["query_encoder"]["parity"]
+
+
 def test_inputs_digest_does_not_depend_on_reuse(runs, tiny_encoders, capsys):
     inc, full = runs["incremental"].manifest, runs["full"].manifest
     assert inc["inputs"] == full["inputs"]
