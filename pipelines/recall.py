@@ -8,8 +8,14 @@ searches send). ``search_k`` climbs a doubling ladder from Annoy's own default (
 recall@10 reaches ``--min-recall`` for every kind of query; the smallest such value goes into the manifest
 (``validation``) and readers use it by default. If the ladder's end does not reach it,
 the release is refused.
+
+The gate runs at the end of every run, incremental ones too (issue 9), so it does only the work its
+answer needs: vectors come from Arrow buffers (the text and image ones only for the sampled rows),
+and the climb skips searches that cannot change the outcome (``_Ladder``), with searches spread over
+the CPUs. Its answer is exactly that of searching every sampled query of every kind at every step.
 """
 
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -58,11 +64,27 @@ def _local_copy(release_dir: str, rel_paths, tmp: str) -> dict:
     return out
 
 
-def _column_vectors(table, name, dim):
-    """A list column of vectors -> (rows that have one, float32 [n, dim])."""
-    values = table.column(name).to_pylist()
-    rows = [r for r, v in enumerate(values) if v is not None]
-    return rows, np.asarray([values[r] for r in rows], np.float32).reshape(len(rows), dim)
+def _column_vectors(column, dim):
+    """A list<float> column (Array or ChunkedArray) -> (rows that have a vector, float32 [n, dim]).
+
+    Read from Arrow's flat value buffer, chunk by chunk: no Python float per value. ``to_pylist``
+    made one per value (~190M for 100k items of 384-, 1,280- and 256-d vectors), the largest part of
+    the gate's time. The values are the same float32 numbers either way (an inner null is NaN in both).
+    """
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    rows, parts, base = [], [], 0
+    for arr in chunks:
+        present = np.asarray(arr.is_valid(), bool)
+        lengths = np.asarray(arr.value_lengths().fill_null(0), np.int64)
+        if np.any(lengths[present] != dim):
+            raise ValueError(f"vectors of {sorted(set(lengths[present].tolist()) - {dim})} values "
+                             f"where {dim} were expected")
+        parts.append(np.asarray(arr.flatten(), np.float32).reshape(-1, dim))  # flatten(): offsets, nulls skipped
+        rows.extend((base + np.flatnonzero(present)).tolist())
+        base += len(arr)
+    return rows, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
 
 
 def query_sets(manifest: dict, ids: list, matrix: np.ndarray, text: tuple, image: tuple, chosen: list) -> dict:
@@ -89,12 +111,128 @@ def query_sets(manifest: dict, ids: list, matrix: np.ndarray, text: tuple, image
     return sets
 
 
-def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K) -> dict:
+def _workers() -> int:
+    """The CPUs this process may use: the climb runs that many Annoy searches at once."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Ladder:
+    """Climbs the search_k ladder for every kind of query, searching only what can change the outcome.
+
+    The result is the one a plain climb gives (every query of every kind searched at every step until
+    the first step where every kind reaches ``min_recall``): the same step, the same figures. Two
+    things make it cheaper, neither of which assumes anything about Annoy for correctness:
+
+    * A query whose recall@k was 1.0 at the last step it was searched is not searched again until the
+      figures are final: its recall is counted as 1.0, the most it can be, so each kind's mean is an
+      upper bound of its true recall at this step. (Annoy's candidates for one query at a larger
+      search_k are a superset of those at a smaller one, so such a query nearly always stays at 1.0;
+      ties between equal vectors can make it drop, which the final search below sees.)
+    * Kinds are searched lowest bound first, and a step ends as soon as one kind's upper bound falls
+      below ``min_recall``: that step cannot be the chosen one, whatever the other kinds give.
+
+    Only when every kind's upper bound reaches ``min_recall`` are the skipped queries searched at
+    that step too; the figures are then the true ones, and the step is chosen if they reach it. A
+    refusal fills in every (query, step) not searched, so its message has every figure, as before.
+    """
+
+    def __init__(self, index, sets: dict, truth: dict, sampled_ids: list, depth: int, steps: list, threads: int):
+        """``sets``/``truth``: query_sets and their exact top ``depth``; ``sampled_ids``: the item id of
+        each "item" query (for self-hit@1)."""
+        self.index, self.sets, self.depth, self.steps = index, sets, depth, steps
+        self.sampled_ids = sampled_ids
+        self.truth = {kind: [{t[0] for t in want} for want in truth[kind]] for kind in sets}
+        # recall[kind][step, query]: NaN where not searched (yet).
+        self.recall = {kind: np.full((len(steps), len(q)), np.nan) for kind, q in sets.items()}
+        self.self_hit = np.zeros((len(steps), len(sets["item"])), bool)
+        self.perfect = {kind: np.zeros(len(q), bool) for kind, q in sets.items()}
+        self.threads = threads
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else None
+        self.searched = 0
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    def _search(self, queries: np.ndarray, search_k: int) -> list:
+        """index.search in pieces on the pool (Annoy releases the GIL); results in query order."""
+        self.searched += len(queries)
+        if self.pool is None or len(queries) < 2 * self.threads:
+            return self.index.search(queries, self.depth, search_k)
+        pieces = np.array_split(queries, min(len(queries), 4 * self.threads))  # 4x: evens out slow queries
+        found = self.pool.map(lambda piece: self.index.search(piece, self.depth, search_k), pieces)
+        return [hits for part in found for hits in part]
+
+    def _measure(self, kind: str, step: int, which: np.ndarray) -> None:
+        """Searches the queries ``which`` (a boolean mask) of one kind at one step; records their recall."""
+        rows = np.flatnonzero(which)
+        if not len(rows):
+            return
+        found = self._search(self.sets[kind][rows], self.steps[step])
+        truth = self.truth[kind]
+        self.recall[kind][step, rows] = [len({h[0] for h in got} & truth[r]) / self.depth
+                                         for got, r in zip(found, rows)]
+        if kind == "item":
+            self.self_hit[step, rows] = [bool(got) and got[0][0] == self.sampled_ids[r] for got, r in zip(found, rows)]
+        self.perfect[kind][rows] = self.recall[kind][step, rows] == 1.0
+
+    def figure(self, kind: str, step: int) -> float:
+        """The kind's recall@k at a step, as a plain climb computes it (every query searched there)."""
+        values = self.recall[kind][step]
+        missing = np.isnan(values)
+        if missing.any():
+            self._measure(kind, step, missing)
+        return float(np.mean(values)) if len(values) else 1.0
+
+    def bound(self, kind: str, step: int) -> float:
+        """An upper bound of the kind's recall at a step: queries at 1.0 when last searched count as 1.0."""
+        values = np.where(np.isnan(self.recall[kind][step]), 1.0, self.recall[kind][step])
+        return float(np.mean(values)) if len(values) else 1.0
+
+    def climb(self, min_recall: float, k: int):
+        """(the chosen step, its figures by kind, its self-hit@1), or None when no step reaches min_recall."""
+        m = len(self.sampled_ids)
+        bounds = {kind: 0.0 for kind in self.sets}
+        for step, search_k in enumerate(self.steps):
+            reached, seen = True, []
+            for kind in sorted(self.sets, key=lambda kd: bounds[kd]):  # stable: ties in the sets' order
+                self._measure(kind, step, ~self.perfect[kind])
+                bounds[kind] = self.bound(kind, step)
+                seen.append(kind)
+                if bounds[kind] < min_recall:
+                    reached = False
+                    break
+            _log.info("recall gate: search_k %d -> recall@%d at most %s%s (%d sampled items, %d searches so far)",
+                      search_k, k, ", ".join(f"{kind} {bounds[kind]:.4f}" for kind in seen),
+                      "" if reached else "; short of --min-recall, other kinds not searched", m, self.searched)
+            if not reached:
+                continue
+            by_kind = {kind: self.figure(kind, step) for kind in self.sets}
+            _log.info("recall gate: search_k %d -> recall@%d %s (every sampled query searched)", search_k, k,
+                      ", ".join(f"{kind} {r:.4f}" for kind, r in by_kind.items()))
+            if min(by_kind.values()) >= min_recall:
+                self_hit = float(np.mean(self.self_hit[step])) if m else 1.0
+                return step, by_kind, self_hit
+            bounds = by_kind
+        return None
+
+
+def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, threads: Optional[int] = None) -> dict:
     """Returns the manifest's ``validation`` or raises PublicationError with the figures.
 
     recall@10 is measured for each kind of query (query_sets); the chosen search_k is the smallest
     on the ladder at which every kind reaches ``min_recall``; ``recall_at_10`` is the lowest of them.
+    ``threads``: how many searches run at once (default: one per CPU); the result does not depend on it.
+
+    Cost (issue 9: the gate runs at the end of every run, incremental ones too): vectors come from
+    Arrow buffers, the text and image vectors only of the sampled rows, and the ladder skips searches
+    that cannot change the outcome (_Ladder). The result is exactly that of searching every sampled
+    query of every kind at every step (tests/pipelines/test_recall.py pins it).
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from search.ann import ShardSet, exact_search
@@ -102,58 +240,62 @@ def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K) -> 
     shards = manifest["shards"]
     dim = manifest["dimension"]
     n_items = sum(s["count"] for s in shards)
+    threads = _workers() if threads is None else max(1, int(threads))
     tmp = tempfile.mkdtemp(prefix="catalog-index-recall-")
     try:
         rels = [s["path"] for s in shards] + [s["id_map"] for s in shards] + [s["embeddings"] for s in shards]
         local = _local_copy(release_dir, rels, tmp)
         id_maps = [pq.read_table(local[s["id_map"]], columns=["item_id"]).column("item_id").to_pylist()
                    for s in shards]
-        ids, fused, text_rows, text_vecs, image_rows, image_vecs = [], [], [], [], [], []
+        # The ids first, to choose the sample; then one shard's table at a time (only the columns the
+        # gate uses: not titles, hashes, image URIs), keeping its fused vectors and the text and image
+        # vectors of its sampled rows only (query_sets uses no others).
+        ids = []
         for s in shards:
-            table = pq.read_table(local[s["embeddings"]])
-            offset = len(ids)
-            ids.extend(table.column("item_id").to_pylist())
-            fused.append(_column_vectors(table, "embedding", dim)[1])
-            if "fusion" in manifest:
-                for name, width, rows_out, vecs_out in (
-                        ("text_embedding", manifest["fusion"]["text_dim"], text_rows, text_vecs),
-                        ("image_embedding", manifest["fusion"]["image_dim"], image_rows, image_vecs)):
-                    rows, vecs = _column_vectors(table, name, width)
-                    rows_out.extend(offset + r for r in rows)
-                    vecs_out.append(vecs)
-        matrix = np.concatenate(fused) if fused else np.zeros((0, dim), np.float32)
+            ids.extend(pq.read_table(local[s["embeddings"]], columns=["item_id"]).column("item_id").to_pylist())
         m = sample_size(n_items)
         chosen = sorted(range(len(ids)), key=lambda i: _order(ids[i]))[:m]
+        picked = sorted(chosen)
+        names = ["embedding"] + (["text_embedding", "image_embedding"] if "fusion" in manifest else [])
+        fused, modal, offset = [], {"text_embedding": ([], []), "image_embedding": ([], [])}, 0
+        for s in shards:
+            table = pq.read_table(local[s["embeddings"]], columns=names)
+            fused.append(_column_vectors(table.column("embedding"), dim)[1])
+            mine = [r - offset for r in picked if offset <= r < offset + table.num_rows]
+            for name in names[1:]:
+                width = manifest["fusion"]["text_dim" if name == "text_embedding" else "image_dim"]
+                rows, vecs = _column_vectors(table.column(name).take(pa.array(mine, pa.int64())), width)
+                modal[name][0].extend(offset + mine[r] for r in rows)
+                modal[name][1].append(vecs)
+            offset += table.num_rows
+            del table
+        matrix = np.concatenate(fused) if fused else np.zeros((0, dim), np.float32)
+        del fused
         if "fusion" in manifest:
-            sets = query_sets(manifest, ids, matrix,
-                              (text_rows, np.concatenate(text_vecs) if text_vecs else np.zeros((0, 1), np.float32)),
-                              (image_rows, np.concatenate(image_vecs) if image_vecs else np.zeros((0, 1), np.float32)),
-                              chosen)
+            text, image = ((rows, np.concatenate(vecs) if vecs else np.zeros((0, 1), np.float32))
+                           for rows, vecs in (modal["text_embedding"], modal["image_embedding"]))
+            sets = query_sets(manifest, ids, matrix, text, image, chosen)
         else:
             sets = {"item": matrix[chosen]}
         depth = min(k, n_items)
         truth = {kind: exact_search(matrix, ids, q, depth) for kind, q in sets.items()}
-        index = ShardSet([local[s["path"]] for s in shards], dim, id_maps)
+        steps = ladder(manifest["trees"], k)
+        # As many Annoy searches at once as ``threads`` (the climb splits each batch of queries; ShardSet
+        # splits by shard), so a release of one shard uses every CPU too.
+        index = ShardSet([local[s["path"]] for s in shards], dim, id_maps, threads=threads)
+        climb = _Ladder(index, sets, truth, [ids[i] for i in chosen], depth, steps, threads)
         try:
-            tried = []
-            for search_k in ladder(manifest["trees"], k):
-                by_kind = {}
-                for kind, q in sets.items():
-                    found = index.search(q, depth, search_k)
-                    by_kind[kind] = float(np.mean([len({h[0] for h in got} & {t[0] for t in want}) / depth
-                                                   for got, want in zip(found, truth[kind])])) if len(q) else 1.0
-                    if kind == "item":
-                        self_hit = float(np.mean([bool(got) and got[0][0] == ids[i]
-                                                  for got, i in zip(found, chosen)])) if m else 1.0
-                recall = min(by_kind.values())
-                tried.append((search_k, by_kind))
-                _log.info("recall gate: search_k %d -> recall@%d %s (%d sampled items)", search_k, k,
-                          ", ".join(f"{kind} {r:.4f}" for kind, r in by_kind.items()), m)
-                if recall >= min_recall:
-                    return {"sample_size": m, "recall_at_10": round(recall, 4), "self_hit_at_1": round(self_hit, 4),
-                            "search_k": search_k, "min_recall": min_recall,
-                            "recall_at_10_by_query": {kind: round(r, 4) for kind, r in by_kind.items()}}
+            done = climb.climb(min_recall, k)
+            if done is not None:
+                step, by_kind, self_hit = done
+                return {"sample_size": m, "recall_at_10": round(min(by_kind.values()), 4),
+                        "self_hit_at_1": round(self_hit, 4), "search_k": steps[step], "min_recall": min_recall,
+                        "recall_at_10_by_query": {kind: round(r, 4) for kind, r in by_kind.items()}}
+            # Refused: every figure of every step, as a plain climb has them (searches what was skipped).
+            tried = [(search_k, {kind: climb.figure(kind, step) for kind in sets})
+                     for step, search_k in enumerate(steps)]
         finally:
+            climb.close()
             index.close()
         figures = "; ".join(f"search_k {sk}: " + ", ".join(f"{kind} {r:.3f}" for kind, r in rs.items())
                             for sk, rs in tried)

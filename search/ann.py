@@ -173,9 +173,22 @@ def exact_search(matrix: np.ndarray, ids: list, vectors: np.ndarray, k: int) -> 
     q = _normalize_queries(vectors, m.shape[1])
     scores = q @ m.T
     order_ids = np.asarray(ids, dtype=object)
+    k = int(k)
     out = []
     for row in scores:
-        # Sort by score descending, then item_id ascending (lexsort: last key first).
-        order = np.lexsort((order_ids, -row))[: int(k)]
+        # Sort by score descending, then item_id ascending (lexsort: last key first). Only the rows
+        # that can be in the top k are sorted: those scoring at least the k-th best score, ties with
+        # it included, so the order is that of sorting every row. Sorting all n rows by item_id per
+        # query (object comparisons) made the recall gate's exact search O(n log n) per query.
+        neg = -row
+        candidates = None
+        if k < len(neg):
+            kth = np.partition(neg, k - 1)[k - 1]  # NaN sorts last in both partition and lexsort
+            if not np.isnan(kth):
+                candidates = np.flatnonzero(neg <= kth)
+        if candidates is None:
+            order = np.lexsort((order_ids, neg))[:k]
+        else:
+            order = candidates[np.lexsort((order_ids[candidates], neg[candidates]))[:k]]
         out.append([(ids[i], float(row[i])) for i in order])
     return out

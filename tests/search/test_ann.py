@@ -106,3 +106,24 @@ def test_import_search_does_not_import_beam():
             " print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_exact_search_equals_sorting_every_row():
+    """exact_search sorts only the rows that can be in the top k (partition first); the answer must be
+    that of sorting every row by (score descending, item_id), ties and NaN scores included."""
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        n, dim = int(rng.integers(1, 50)), int(rng.integers(1, 4))
+        m = rng.integers(-2, 3, size=(n, dim)).astype(np.float32)  # small integers: many equal scores
+        if trial % 4 == 0:
+            m[rng.integers(0, n)] = np.nan
+        ids = [f"i{x:03d}" for x in rng.permutation(n)]
+        queries = rng.integers(-2, 3, size=(5, dim)).astype(np.float32)
+        k = int(rng.integers(1, n + 3))
+        norm = np.linalg.norm(m, axis=1, keepdims=True)
+        unit = np.divide(m, norm, out=np.zeros_like(m), where=norm > 0)
+        qn = np.linalg.norm(queries, axis=1, keepdims=True)
+        scores = np.divide(queries, qn, out=np.zeros_like(queries), where=qn > 0) @ unit.T
+        want = [[ids[i] for i in np.lexsort((np.asarray(ids, object), -row))[:k]] for row in scores]
+        got = exact_search(m, ids, queries, k)
+        assert [[i for i, _ in row] for row in got] == want
