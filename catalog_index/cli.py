@@ -11,7 +11,10 @@
     catalog-index serve    --index DIR [--host H] [--port P] [--workers N] [--poll-seconds S]
 
 Exit status: 0 done, 1 a data or run failure (the input, a check, another run holding
-the output), 2 a usage or configuration error; either way one line on stderr.
+the output, or an unexpected error), 2 a usage or configuration error, 130 interrupted;
+a failure ends with one line on stderr, ``catalog-index CMD: error: ...``. Tracebacks go
+to the run's log file (every log line of the run, kept under the user cache's ``logs/``,
+or ``$CATALOG_INDEX_LOG_DIR``; the last LOG_FILES_KEPT runs), or to stderr with --verbose.
 """
 
 import logging
@@ -40,21 +43,32 @@ def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+LOG_DIR_ENV = "CATALOG_INDEX_LOG_DIR"
+LOG_FILES_KEPT = 20
+
+
 class _DropKnownNoise(logging.Filter):
     # Beam's RunInference warns on every batch when its optional torch-based model
     # manager is not installed ("Resource module is not available ..."): not ours to act on.
-    # Beam also logs, with a traceback, the project's own errors raised in a DoFn (a publication
-    # check); the CLI prints them as one line at the end, so the copy is noise.
     def filter(self, record):
-        if record.exc_info and isinstance(record.exc_info[1], _own_errors()):
-            return False
         return "memory usage cannot be fetched" not in record.getMessage()
 
 
-def _own_errors():
-    from schemas.errors import CatalogIndexError
+class _NoBeamErrors(logging.Filter):
+    # On stderr (without --verbose) a failure is told once, by the one line at the end: Beam logs the
+    # error a DoFn raised, its stack embedded in the text, before re-raising it; that stays in the log file.
+    def filter(self, record):
+        return not (record.levelno >= logging.ERROR and record.name.startswith("apache_beam"))
 
-    return CatalogIndexError
+
+class _NoTracebackFormatter(logging.Formatter):
+    """Formats a record's message without its traceback (stderr without --verbose; the log file keeps it)."""
+
+    def format(self, record):
+        if record.exc_info or record.exc_text or record.stack_info:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                            "stack_info": None})
+        return super().format(record)
 
 
 def _one_line(error: BaseException) -> str:
@@ -62,13 +76,44 @@ def _one_line(error: BaseException) -> str:
     return re.sub(r"\s*\[while running '[^']*'\]", "", " ".join(str(error).split()))
 
 
-def _setup_logging():
+def _setup_logging(verbose: bool = False, log_path=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropKnownNoise())
+        if not verbose and type(handler) is logging.StreamHandler:  # stderr (not pytest's capture handlers)
+            handler.addFilter(_NoBeamErrors())
+            handler.setFormatter(_NoTracebackFormatter(handler.formatter._fmt if handler.formatter else None,
+                                                       "%H:%M:%S"))
+    if log_path is not None:
+        to_file = logging.FileHandler(log_path, encoding="utf-8", delay=True)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        to_file.addFilter(_DropKnownNoise())
+        logging.getLogger().addHandler(to_file)
     for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "urllib3", "google"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_file(command: str):
+    """A new log file for this run (older ones beyond LOG_FILES_KEPT removed), or None when the folder
+    cannot be written: a log file is a convenience, never a reason to fail."""
+    import datetime
+
+    from schemas import layout
+
+    folder = os.environ.get(LOG_DIR_ENV) or layout.user_cache_dir("logs")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        old = sorted((n for n in os.listdir(folder) if n.startswith("catalog-index-") and n.endswith(".log")),
+                     key=lambda n: os.path.getmtime(os.path.join(folder, n)))
+        for name in old[:max(0, len(old) - LOG_FILES_KEPT + 1)]:
+            os.remove(os.path.join(folder, name))
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path = os.path.join(folder, f"catalog-index-{command}-{stamp}-{os.getpid()}.log")
+        open(path, "a", encoding="utf-8").close()
+        return path
+    except OSError:
+        return None
 
 
 def _index(argv):
@@ -77,14 +122,12 @@ def _index(argv):
     from pipelines.options import IndexOptions
 
     if "-h" in argv or "--help" in argv:
-        import argparse
-
-        parser = argparse.ArgumentParser(
-            prog="catalog-index index", description="Build and publish one index version from a catalog.",
-            epilog="Any Beam pipeline flag (--runner, --direct_num_workers, --direct_running_mode, Dataflow "
-                   "flags such as --project, --region, --temp_location) passes through to PipelineOptions.")
-        IndexOptions._add_argparse_args(parser)
-        parser.print_help()
+        _print_options_help(
+            IndexOptions, prog="catalog-index index",
+            description="Build and publish one index version from a catalog.",
+            epilog="Dashed flags also accept Beam's underscore spelling (--text_encoder). Any Beam pipeline flag "
+                   "(--runner, --direct_num_workers, --direct_running_mode, Dataflow flags such as --project, "
+                   "--region, --temp_location) passes through to PipelineOptions.")
         return 0
     flags.check_pipeline_flags(argv, "catalog-index index")
     result = index_pipeline.run(argv)
@@ -98,23 +141,33 @@ def _train(argv):
     from pipelines.train_options import TrainOptions
 
     if "-h" in argv or "--help" in argv:
-        import argparse
-
-        parser = argparse.ArgumentParser(
-            prog="catalog-index train",
+        _print_options_help(
+            TrainOptions, prog="catalog-index train",
             description="Refit the fusion on logged clicks: a Beam preprocessing (validate, encode each distinct "
                         "query once, split by time), then an item tower and a query tower trained with an "
                         "in-batch softmax, evaluated on the held-out days against the index's fusion, and "
                         "published as OUTPUT/<version>/ (LATEST moves by compare-and-swap).",
             epilog="Any Beam pipeline flag (--runner, --direct_num_workers, Dataflow flags) passes through to the "
                    "preprocessing. Then: catalog-index index ... --fusion-model MODELS_DIR.")
-        TrainOptions._add_argparse_args(parser)  # pylint: disable=protected-access
-        parser.print_help()
         return 0
     flags.check_pipeline_flags(argv, "catalog-index train", app=TrainOptions)
     result = train_pipeline.run(argv)
     print(result.summary())
     return 0
+
+
+def _print_options_help(options_class, **parser_args) -> None:
+    """--help of a PipelineOptions command. Its required flags are checked by the options' check(), not by
+    argparse (Beam's PipelineOptions parses the same flags, and `--help` must work without them): their help
+    says "[required]", and here they are also shown as required in the usage line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(**parser_args)
+    options_class._add_argparse_args(parser)  # pylint: disable=protected-access
+    for action in parser._actions:  # pylint: disable=protected-access
+        if (action.help or "").startswith("[required]"):
+            action.required = True  # this parser only prints help
+    parser.print_help()
 
 
 def _backfill(argv):
@@ -129,25 +182,36 @@ def _backfill(argv):
 
 
 def _models(argv):
+    import argparse
+
     from embedding import builtin
     from pipelines import flags
 
-    parser = flags.ArgumentParser(prog="catalog-index models",
-                                     description="Built-in pretrained encoders (converted on first use, offline).")
-    parser.add_argument("--model-cache", "--model_cache", dest="model_cache", default=None,
-                        help=f"cache folder (default ${builtin.CACHE_ENV} or ~/.cache/catalog-index/models)")
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="list the built-in models and whether they are built")
-    build = sub.add_parser("build", help="convert models into the cache now")
-    build.add_argument("names", nargs="*", help="model names (default: all)")
-    export = sub.add_parser("export", help="copy built models to a folder or bucket for workers")
-    export.add_argument("--to", required=True, help="destination folder, local or gs://")
-    export.add_argument("names", nargs="*", help="model names (default: all)")
+    cache_help = (f"folder of the converted models, before or after the action (default: ${builtin.CACHE_ENV}, "
+                  "else ~/.cache/catalog-index/models)")
+    parser = flags.ArgumentParser(prog="catalog-index models", allow_abbrev=False,
+                                  description="Built-in pretrained encoders (converted on first use, offline).",
+                                  epilog="Run `catalog-index models ACTION --help` for an action's options.")
+    parser.add_argument("--model-cache", "--model_cache", dest="model_cache", default=None, help=cache_help)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{list,build,export}")
+
+    def action(name, text):
+        one = sub.add_parser(name, help=text, description=text[:1].upper() + text[1:] + ".", allow_abbrev=False)
+        # SUPPRESS: when absent after the action, the value given before it (or the default) stays.
+        one.add_argument("--model-cache", "--model_cache", dest="model_cache", default=argparse.SUPPRESS,
+                         help=cache_help)
+        return one
+
+    action("list", "list the built-in models and whether they are built (reads the cache only)")
+    build = action("build", "convert models into the cache now")
+    build.add_argument("names", nargs="*", metavar="NAME", help="model names (default: all)")
+    export = action("export", "copy built models (converting them first if needed) to a folder or bucket for workers")
+    export.add_argument("--to", required=True, help="[required] destination folder, local or gs://")
+    export.add_argument("names", nargs="*", metavar="NAME", help="model names (default: all)")
     args = parser.parse_args(argv)
     names = [n.removeprefix(builtin.PREFIX) for n in getattr(args, "names", [])] or list(builtin.MODELS)
     if args.action == "list":
         for m in builtin.MODELS.values():
-            path = builtin.model_path(m.name, args.model_cache)
             state = "built" if builtin.is_built(m.name, args.model_cache) else "not built"
             print(f"{builtin.PREFIX + m.name:30s} {m.kind:5s} {m.output_dim:5d}-d  {state:9s}  {m.description}")
     elif args.action == "build":
@@ -167,7 +231,8 @@ def _verify(argv):
         prog="catalog-index verify",
         description="Check a published version: its manifest (schema, accounting) and the size and sha256 of "
                     "every file it lists. Exit 1 naming the first bad file.")
-    parser.add_argument("--index", required=True, help="output root of `catalog-index index` (local or gs://)")
+    parser.add_argument("--index", required=True,
+                        help="[required] output root of `catalog-index index` (local or gs://)")
     parser.add_argument("--version", default=None, help="version to check (default: the one LATEST names)")
     args = parser.parse_args(argv)
     checked = publication.verify(args.index, args.version)
@@ -201,18 +266,20 @@ def _query(argv):
         description="Search a published index (verified first) with text, an image or both, or with a JSON-lines "
                     "file of queries ({\"id\", \"text\", \"image\": path}); prints one JSON object per query: "
                     "{\"id\", \"results\": [{\"item_id\", \"score\", \"shard\", \"title\"}]} or {\"id\", \"error\"}.")
-    parser.add_argument("--index", required=True, help="output root of `catalog-index index` (local or gs://)")
-    parser.add_argument("--text", default=None, help="query text")
+    parser.add_argument("--index", required=True,
+                        help="[required] output root of `catalog-index index` (local or gs://)")
+    parser.add_argument("--text", default=None, help="query text (with --image: both, fused)")
     parser.add_argument("--image", default=None, help="query image file (JPEG, PNG, GIF, BMP, WebP)")
     parser.add_argument("--queries", default=None, help="JSON-lines file of queries (instead of --text/--image)")
-    parser.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--k", type=int, default=10, help="results per query (default: %(default)s)")
     parser.add_argument("--search-k", "--search_k", dest="search_k", type=int, default=None,
-                        help="Annoy search_k per shard (default: the release's validated one, else exact)")
+                        help="Annoy search_k per shard; -1 searches every item (default: the one the recall gate "
+                             "chose at publication, else -1)")
     parser.add_argument("--version", default=None, help="version to search (default: the one LATEST names)")
     parser.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None,
-                        help="local copy of a gs:// index (default ~/.cache/catalog-index/releases)")
+                        help="local copy of a gs:// index (default: ~/.cache/catalog-index/releases)")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
-                        help="queries embedded and searched together (default 64)")
+                        help="queries embedded and searched together (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.queries is not None and (args.text is not None or args.image is not None):
         raise UsageError("give --queries or --text/--image, not both")
@@ -296,23 +363,47 @@ def main(argv=None) -> int:
     argv = [a for a in argv if a != "--verbose"]
     if as_program and not verbose:
         _filter_native_stderr()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"catalog-index: error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
+              f"(catalog-index --help)", file=sys.stderr)
+        return 2
     _quiet_tensorflow()
-    _setup_logging()
+    # A log file only for the real program: tests call main() in-process many times.
+    log_path = _log_file(argv[0]) if as_program else None
+    _setup_logging(verbose, log_path)
     from schemas.errors import CatalogIndexError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
     except CatalogIndexError as e:
-        # One line: the message already says what to fix; tracebacks are for bugs, not for users.
-        if verbose:
-            import traceback
+        # The message already says what to fix; the traceback is in the log file (or above, --verbose).
+        status, message, failure = e.exit_status, _one_line(e), e
+    except KeyboardInterrupt:
+        print(f"catalog-index {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # not a failure the project names: an environment problem or a bug
+        status, failure = 1, e
+        message = f"unexpected {type(e).__name__}: {_one_line(e)}" + (
+            f" (traceback in {log_path})" if log_path else " (rerun with --verbose for the traceback)")
+    _log_failure(failure, verbose)
+    print(f"catalog-index {argv[0]}: error: {message}", file=sys.stderr)
+    return status
 
-            traceback.print_exc()
-        print(f"catalog-index {argv[0]}: error: {_one_line(e)}", file=sys.stderr)
-        return e.exit_status
+
+def _log_failure(failure: BaseException, verbose: bool) -> None:
+    """The failure's traceback: into the log file, and on stderr with --verbose."""
+    import traceback
+
+    text = "".join(traceback.format_exception(failure))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("catalog_index.cli", logging.ERROR, __file__, 0, "%s", (text,), None))
+            handler.flush()
+    if verbose:
+        sys.stderr.write(text)
 
 
 if __name__ == "__main__":
