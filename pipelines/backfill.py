@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime
 import logging
+import textwrap
 from typing import Callable, Optional
 
 from schemas.errors import CatalogIndexError, ConfigError, brief
@@ -30,16 +31,42 @@ def _date(value: str) -> datetime.date:
         raise argparse.ArgumentTypeError(f"{value!r} is not a date like 2026-11-28") from None
 
 
+# Index flags that backfill sets itself for each date (refused when given) or takes as its own.
+SET_PER_DATE = ("--catalog", "--version", "--snapshot-time")
+OWN = ("--output", "--force")
+
+
+def passed_through() -> list:
+    """The `catalog-index index` flags that pass through to each date's run (dashed spellings)."""
+    from pipelines.options import IndexOptions
+
+    view = argparse.ArgumentParser(add_help=False)
+    IndexOptions._add_argparse_args(view)  # pylint: disable=protected-access
+    return [a.option_strings[0] for a in view._actions if a.option_strings[0] not in SET_PER_DATE + OWN]
+
+
 def parse_args(argv):
-    parser = flags.ArgumentParser(
-        prog="catalog-index backfill", description=__doc__.split("\n\n")[0],
-        epilog="Every other `catalog-index index` flag (and any Beam flag) passes through to each date's run.")
+    epilog = textwrap.fill(
+        "Every other `catalog-index index` flag passes through to each date's run, with the defaults "
+        "`catalog-index index --help` shows: " + ", ".join(passed_through()) + "; and so does any Beam flag "
+        "(--runner, --direct_num_workers, Dataflow flags). Backfill sets " + ", ".join(SET_PER_DATE)
+        + " itself for each date (the date's catalog, the date as the version, its midnight UTC as the "
+        "snapshot); giving one is refused.", width=79, break_on_hyphens=False)
+    # allow_abbrev=False: else `--catalog X` would silently replace --catalog-pattern (a prefix of it)
+    # instead of being refused below.
+    parser = flags.ArgumentParser(prog="catalog-index backfill", description=__doc__.split("\n\n")[0],
+                                  epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  allow_abbrev=False)
     parser.add_argument("--catalog-pattern", required=True,
-                        help="Catalog glob with a {date} placeholder, e.g. 'gs://b/catalog/dt={date}/*.parquet'.")
-    parser.add_argument("--from", dest="start", type=_date, required=True, help="First date, YYYY-MM-DD.")
-    parser.add_argument("--to", dest="end", type=_date, required=True, help="Last date (inclusive).")
-    parser.add_argument("--output", required=True, help="Output root, as for `catalog-index index`.")
-    parser.add_argument("--force", action="store_true", help="Rebuild dates that are already published.")
+                        help="[required] Catalog glob with a {date} placeholder, e.g. "
+                             "'gs://b/catalog/dt={date}/*.parquet'.")
+    parser.add_argument("--from", dest="start", type=_date, required=True,
+                        help="[required] First date, YYYY-MM-DD.")
+    parser.add_argument("--to", dest="end", type=_date, required=True,
+                        help="[required] Last date, YYYY-MM-DD (inclusive).")
+    parser.add_argument("--output", required=True, help="[required] Output root, as for `catalog-index index`.")
+    parser.add_argument("--force", action="store_true",
+                        help="Rebuild dates that are already published (and pass --force to each date's run).")
     args, rest = parser.parse_known_args(argv)
     flags.check_pipeline_flags(rest, "catalog-index backfill")
     if "{date}" not in args.catalog_pattern:
@@ -85,6 +112,8 @@ def run(argv=None, index_run: Optional[Callable] = None) -> list:
             outcomes.append(DateOutcome(date, "failed", brief(e)))
             _log.exception("%s failed", date)
             continue
-        counts = [line.strip() for line in result.summary().splitlines() if line.strip().startswith("read ")]
-        outcomes.append(DateOutcome(date, "published", counts[0] if counts else result.summary().splitlines()[0]))
+        lines = [line.strip() for line in result.summary().splitlines()]
+        counts = [line for line in lines if line.startswith("read ")]
+        where = [line for line in lines if line.startswith("LATEST")]  # where LATEST ended, and why
+        outcomes.append(DateOutcome(date, "published", "; ".join((counts or lines[:1]) + where)))
     return outcomes

@@ -68,7 +68,9 @@ class TrainResult(NamedTuple):
         if self.promoted:
             lines.append(f"  LATEST -> {self.version}")
         else:
-            lines.append(f"  LATEST not moved: {self.decision.get('why', '')}")
+            stays = self.decision.get("latest")
+            where = f"stays at {stays}" if stays else "names no version yet"
+            lines.append(f"  LATEST not moved ({where}): {self.decision.get('why', '')}")
         lines.append(f"  report: {files.join(self.version_dir, layout.REPORT_FILE)}")
         return "\n".join(lines)
 
@@ -341,6 +343,8 @@ def run(argv=None, test_pipeline=None) -> TrainResult:
         if opts.promote_if_better and not decision["candidate_is_better"]:
             decision["why"] = (f"--promote-if-better: candidate {decision['metric']} {decision['candidate']} does "
                                f"not beat the baseline's {decision['baseline']}")
+            stays = read_models_latest(models_dir)
+            decision["latest"] = stays.version if stays is not None else None
         else:
             promoted = promote(models_dir, version, hashlib.sha256(raw).hexdigest(), owner)
         return TrainResult(version, version_dir, promoted, decision, evaluation, training,

@@ -28,6 +28,7 @@ def test_backfill_publishes_each_date_and_isolates_failures(dated_catalogs, tiny
     assert cli.main(args) == 1  # one date has no catalog
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("2026-11-01  published") and "indexed 30" in lines[0]
+    assert lines[0].endswith("; LATEST names it")
     assert lines[1].startswith("2026-11-02  failed") and "matches no file" in lines[1]
     assert lines[2].startswith("2026-11-03  published")
     assert lines[3] == "backfill: 2 of 3 date(s) ok, 1 failed"
@@ -43,7 +44,10 @@ def test_backfill_publishes_each_date_and_isolates_failures(dated_catalogs, tiny
     assert (out / first.path / "manifest.json").read_bytes() == first_manifest  # untouched
 
     assert cli.main(args[:5] + ["--to", "2026-11-01"] + args[7:] + ["--force"]) == 0
-    assert "2026-11-01  published" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "2026-11-01  published" in out_text
+    # An earlier date leaves LATEST where it is, and says so and why.
+    assert "LATEST stays at 2026-11-03 (snapshot 2026-11-03T00:00:00Z is not earlier than 2026-11-01" in out_text
     rebuilt = pub.resolve(str(out), "2026-11-01")
     assert rebuilt.release != first.release  # a new release; the replaced one stays until gc
     assert (out / first.path / "manifest.json").read_bytes() == first_manifest

@@ -156,6 +156,8 @@ def test_promote_if_better_keeps_latest_when_the_candidate_is_not_better(trained
     result = _train("--clicks", trained["clicks"], "--index", shop["index"], "--output", models, "--epochs", 1,
                     "--batch-size", 32, "--learning-rate", 1e-12, "--promote-if-better")
     assert not result.promoted and "does not beat" in result.decision["why"]
+    stays = layout.ModelsPointer.loads(before).version
+    assert f"LATEST not moved (stays at {stays}): --promote-if-better" in result.summary()
     assert open(models / "LATEST", "rb").read() == before
     assert os.path.exists(models / result.version / layout.TRAINING_FILE)  # written, just not promoted
 
