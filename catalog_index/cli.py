@@ -34,8 +34,9 @@ USAGE = """usage: catalog-index {index,backfill,train,verify,gc,models,sample,qu
   query      search a published index (text, image or both; JSON lines out)
   serve      serve searches over HTTP (text, image upload), following LATEST
 
-Run `catalog-index COMMAND --help` for the options of a command. `--verbose` anywhere keeps
-TensorFlow's native start-up messages and prints tracebacks of errors."""
+Run `catalog-index COMMAND --help` for the options of a command, with their defaults and which
+are required. `--verbose` anywhere keeps TensorFlow's native start-up messages and prints
+tracebacks of errors."""
 
 
 def _quiet_tensorflow():

@@ -328,11 +328,13 @@ def main(argv=None) -> int:
         prog="catalog-index sample",
         description="Write a sample catalog with real images and tiny TF Hub style encoders.",
     )
-    parser.add_argument("--output", required=True, help="directory to write into")
-    parser.add_argument("--items", type=int, default=300, help="number of good items (default 300)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--files", type=int, default=2, help="number of parquet files (default 2)")
-    parser.add_argument("--no-bad-rows", action="store_true", help="write only good items")
+    parser.add_argument("--output", required=True, help="[required] directory to write into")
+    parser.add_argument("--items", type=int, default=300, help="number of good items (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the generated items, pictures and tiny encoders (default: %(default)s)")
+    parser.add_argument("--files", type=int, default=2, help="number of parquet files (default: %(default)s)")
+    parser.add_argument("--no-bad-rows", action="store_true",
+                        help="write only good items (by default, deliberately bad rows are added)")
     args = parser.parse_args(argv)
     if args.items < 0 or args.files < 1:
         parser.error("--items must be >= 0 and --files >= 1")

@@ -19,13 +19,18 @@ _log = logging.getLogger(__name__)
 
 
 def main(argv, parser) -> int:
-    parser.add_argument("--output", required=True, help="output root of `catalog-index index` (local or gs://)")
+    parser.add_argument("--output", required=True,
+                        help="[required] output root of `catalog-index index` (local or gs://)")
     parser.add_argument("--keep", type=int, default=None,
-                        help="keep the N newest published versions (by snapshot); older ones are removed")
+                        help="keep the N newest published versions (by snapshot) and remove the others (with "
+                             "--older-than: only those older than DAYS); never the version LATEST names "
+                             "(default: no version is removed)")
     parser.add_argument("--older-than", "--older_than", dest="older_than", type=float, default=None,
-                        help="only remove versions whose snapshot is older than this many days")
+                        help="remove versions whose snapshot is older than this many days (with --keep: only "
+                             "beyond the N newest); never the version LATEST names (default: no age limit)")
     parser.add_argument("--grace-minutes", "--grace_minutes", dest="grace_minutes", type=float, default=60.0,
-                        help="leave releases that nothing names alone until they are this old (default 60)")
+                        help="leave releases that nothing names alone until they are this old "
+                             "(default: %(default)g)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print what would be removed, remove nothing")
     args = parser.parse_args(argv)

@@ -54,87 +54,108 @@ class IndexOptions(PipelineOptions):
 
         parser = SharedFlags(parser)
         # Dashed flags also answer to Beam's underscore style (and to Flex Template
-        # parameter names, which cannot contain dashes).
-        parser.add_argument("--catalog", help="Catalog Parquet path or glob (local, gs://, any Beam filesystem).")
-        parser.add_argument("--output", help="Output root; the run writes OUTPUT/<version>/ and OUTPUT/LATEST.")
-        parser.add_argument("--version", dest="index_version", default=None,
-                            help="Version name (default: UTC timestamp like 2026-11-28T072300Z).")
-        parser.add_argument("--shards", type=int, default=1, help="Number of Annoy shards.")
+        # parameter names, which cannot contain dashes). Help texts: "[required]" marks the flags that
+        # check() requires (argparse must not enforce them: Beam's PipelineOptions parses the same
+        # flags), and every default is stated as "(default: ...)", %(default)s where argparse knows it.
+        parser.add_argument("--catalog",
+                            help="[required] Catalog Parquet path or glob: local, file://, gs:// or any Beam "
+                                 "filesystem.")
+        parser.add_argument("--output",
+                            help="[required] Output root (local or gs://); the run writes a new release under "
+                                 "OUTPUT/<version>/, then moves OUTPUT/<version>/CURRENT and OUTPUT/LATEST.")
+        parser.add_argument("--version", dest="index_version", default=None, metavar="VERSION",
+                            help="Version name: 1-128 letters, digits, '.', '_', '-', starting with a letter or "
+                                 "digit; LATEST is reserved (default: the run's start in UTC, like "
+                                 "2026-11-28T072300Z).")
+        parser.add_argument("--shards", type=int, default=1,
+                            help="Number of Annoy shards; an item goes to shard S = (the first 8 bytes of "
+                                 "sha256(item_id), as a big-endian integer) mod N (default: %(default)s).")
         parser.add_argument("--dimension", type=int, default=None,
-                            help="Fused vector size (default 256, or the fusion model's output size).")
+                            help="Fused vector size (default: 256, or the fusion model's output size).")
         parser.add_argument("--text-encoder", "--text_encoder", dest="text_encoder", default="auto",
                             help="Text encoder: auto, builtin:NAME, TF Hub handle or SavedModel path (1-D tf.string "
-                                 f"in). Default auto: {languages.ENGLISH_ENCODER} for English-dominant catalogs, "
+                                 f"in). auto picks {languages.ENGLISH_ENCODER} for English-dominant catalogs, "
                                  f"{languages.MULTILINGUAL_ENCODER} when more than "
-                                 f"{languages.NON_ENGLISH_SHARE:.0%} of the sampled texts are in another language.")
+                                 f"{languages.NON_ENGLISH_SHARE * 100:.0f}%% of the sampled texts are in another "
+                                 "language (default: %(default)s).")
         parser.add_argument("--languages", default=None,
                             help="Languages the queries will be in, as ISO 639-1 codes (e.g. en,zh); with "
-                                 "--text-encoder auto, any language but en picks the multilingual encoder.")
+                                 "--text-encoder auto, any language but en picks the multilingual encoder "
+                                 "(default: none named).")
         parser.add_argument("--image-encoder", "--image_encoder", dest="image_encoder",
                             default=builtin.DEFAULT_IMAGE_ENCODER,
                             help="Image encoder: builtin:NAME, TF Hub handle or SavedModel path "
-                                 f"(float32 [b,h,w,3] in [0,1]). Default {builtin.DEFAULT_IMAGE_ENCODER}.")
+                                 "(float32 [b,h,w,3] in [0,1]) (default: %(default)s).")
         parser.add_argument("--model-cache", "--model_cache", dest="model_cache", default=None,
                             help="Folder of built-in models converted on first use "
-                                 f"(default ${builtin.CACHE_ENV} or ~/.cache/catalog-index/models).")
+                                 f"(default: ${builtin.CACHE_ENV}, else ~/.cache/catalog-index/models).")
         parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
-                            help="Square input size for image encoders whose signature leaves it open (224).")
+                            help="Square input size for image encoders whose signature leaves it open "
+                                 f"(default: the model's, else {enc.DEFAULT_IMAGE_SIZE}).")
         parser.add_argument("--fusion-model", "--fusion_model", dest="fusion_model", default=None,
                             help="Trained fusion: a `catalog-index train` models directory (its LATEST), one of its "
                                  "versions (item and query towers), or a bare fusion SavedModel (see "
-                                 "embedding/fusion.py); default: the seeded projection.")
-        parser.add_argument("--text-weight", "--text_weight", dest="text_weight", type=float, default=1.0)
-        parser.add_argument("--image-weight", "--image_weight", dest="image_weight", type=float, default=1.0)
+                                 "embedding/fusion.py) (default: the seeded projection).")
+        parser.add_argument("--text-weight", "--text_weight", dest="text_weight", type=float, default=1.0,
+                            help="Weight of the text vector in the default fusion (the seeded projection; not used "
+                                 "with --fusion-model); >= 0, not both weights 0 (default: %(default)s).")
+        parser.add_argument("--image-weight", "--image_weight", dest="image_weight", type=float, default=1.0,
+                            help="Weight of the image vector in the default fusion (the seeded projection; not "
+                                 "used with --fusion-model); >= 0, not both weights 0 (default: %(default)s).")
         parser.add_argument("--trees", type=int, default=50,
-                            help="Annoy trees per shard (default 50: at recall@10 0.95, 1.45-2.8x fewer candidates "
-                                 "than 10 trees for 19-35%% longer builds; benchmarks/README.md).")
-        parser.add_argument("--seed", type=int, default=0, help="Seed of the projection and the Annoy builds.")
+                            help="Annoy trees per shard; 50 rather than 10: at recall@10 0.95, 1.45-2.8x fewer "
+                                 "candidates for 19-35%% longer builds, benchmarks/README.md (default: %(default)s).")
+        parser.add_argument("--seed", type=int, default=0,
+                            help="Seed of the projection and of the Annoy builds (default: %(default)s).")
         parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32,
-                            help="Largest encoder batch.")
+                            help="Largest encoder batch (default: %(default)s).")
         parser.add_argument("--max-rejected-fraction", "--max_rejected_fraction", dest="max_rejected_fraction",
                             type=float, default=0.05,
-                            help="Fail before publication when more than this fraction of rows is rejected.")
+                            help="Fail before publication when more than this fraction of rows is rejected "
+                                 "(default: %(default)s).")
         parser.add_argument("--reject-on-image-error", "--reject_on_image_error", dest="reject_on_image_error",
                             action="store_true",
                             help="Reject items whose image fails instead of indexing them from text.")
         parser.add_argument("--max-image-pixels", "--max_image_pixels", dest="max_image_pixels", type=int,
-                            default=images.DEFAULT_MAX_PIXELS, help="Larger images are refused undecoded.")
+                            default=images.DEFAULT_MAX_PIXELS,
+                            help="Images declaring more pixels than this are refused from their header, never "
+                                 "decoded (default: %(default)s).")
         parser.add_argument("--large-model", "--large_model", dest="large_model", action="store_true",
                             help="Load one encoder copy per machine, shared by its processes.")
         parser.add_argument("--max-degraded-fraction", "--max_degraded_fraction", dest="max_degraded_fraction",
                             type=float, default=0.10,
                             help="Fail before publication when more than this fraction of the indexed items lost "
-                                 "their image (default 0.10).")
+                                 "their image (default: %(default)s).")
         parser.add_argument("--min-recall", "--min_recall", dest="min_recall", type=float, default=0.95,
                             help="Refuse to publish unless the sharded index reaches this recall@10 against exact "
-                                 "search on a sample of the items at some search_k (default 0.95); the smallest "
-                                 "such search_k goes into the manifest for readers.")
+                                 "search on a sample of the items at some search_k; the smallest such search_k "
+                                 "goes into the manifest for readers (default: %(default)s).")
         parser.add_argument("--snapshot-time", "--snapshot_time", dest="snapshot_time", default=None,
-                            help="What time the catalog describes (ISO 8601, UTC by default); LATEST only moves to "
-                                 "a later snapshot. Default: the run's start (backfill: the date).")
+                            help="What time the catalog describes (ISO 8601, UTC unless an offset is given); LATEST "
+                                 "only moves to a later snapshot (default: the run's start; backfill: the date).")
         parser.add_argument("--image-timeout", "--image_timeout", dest="image_timeout", type=float,
                             default=images.DEFAULT_TIMEOUT_S,
-                            help="Overall deadline in seconds for fetching one image (connect, headers, body, "
-                                 "object-store retries). Default 30.")
+                            help="Overall deadline in seconds for fetching one image (DNS, connect, headers, body, "
+                                 "object-store retries) (default: %(default)s).")
         parser.add_argument("--allow-private-image-hosts", "--allow_private_image_hosts",
                             dest="allow_private_image_hosts", action="store_true",
                             help="Allow http(s) images from loopback, private and link-local addresses "
                                  "(intranet catalogs); refused by default.")
         parser.add_argument("--image-root", "--image_root", dest="image_root", default=None,
-                            help="Only read local and object-store images below this prefix.")
+                            help="Only read local and object-store images below this prefix (default: no limit).")
         parser.add_argument("--lease-seconds", "--lease_seconds", dest="lease_seconds", type=int,
                             default=lease.DEFAULT_SECONDS,
                             help="Expiry of the output root's publication lease, renewed while the run lives; "
-                                 "a crashed run blocks others at most this long (default 300).")
+                                 "a crashed run blocks others at most this long (default: %(default)s).")
         parser.add_argument("--reuse-from", "--reuse_from", dest="reuse_from", default=None,
                             help="Reuse the vectors of unchanged items from this published version folder "
                                  "(OUTPUT/<version>), release folder or output root; refused (exit 2) when it "
-                                 "does not verify or was built with other encoders, fusion or vector options. "
-                                 "Default: the version LATEST names under --output, when it matches.")
+                                 "does not verify or was built with other encoders, fusion or vector options "
+                                 "(default: the version LATEST names under --output, when it matches).")
         parser.add_argument("--shard-build-threads", "--shard_build_threads", dest="shard_build_threads", type=int,
                             default=None,
-                            help="Shards built at once by each worker (default: its CPU count; 1 builds them one "
-                                 "after another). The shard files are the same for any value.")
+                            help="Shards built at once by each worker; 1 builds them one after another; the shard "
+                                 "files are the same for any value (default: the worker's CPU count).")
         parser.add_argument("--no-memory-check", "--no_memory_check", dest="no_memory_check", action="store_true",
                             help="Run on the local runner even when the memory estimate says the catalog will not "
                                  "fit (pipelines/capacity.py); by default such a run stops before any work.")

@@ -8,6 +8,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import lease
 from pipelines.options import positive  # one rule and message for every command's counts
+from schemas import clicks
 from schemas import layout
 from schemas.errors import ConfigError
 
@@ -32,42 +33,43 @@ class TrainOptions(PipelineOptions):
         parser.add_argument("--version", dest="index_version", default=None,
                             help="index version to train against (default: the one LATEST names).")
         parser.add_argument("--models-version", "--models_version", dest="models_version", default=None,
-                            help="name of the new models version (default: m<UTC time>-<8 hex>); never reused.")
+                            help="name of the new models version; never reused (default: m<UTC time>-<8 hex>).")
         parser.add_argument("--eval-days", "--eval_days", dest="eval_days", type=int, default=d["eval_days"],
-                            help=f"the last N UTC days of clicks are held out for evaluation "
-                                 f"(default {d['eval_days']}).")
+                            help="the last N UTC days of clicks are held out for evaluation (default: %(default)s).")
         parser.add_argument("--dimension", type=int, default=None,
                             help="size of the learnt vectors (default: the index's dimension).")
-        parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"default {d['epochs']}.")
+        parser.add_argument("--epochs", type=int, default=d["epochs"],
+                            help="passes over the training examples (default: %(default)s).")
         parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=d["batch_size"],
-                            help=f"training batch = in-batch negatives per example + 1 (default {d['batch_size']}).")
+                            help="training batch = in-batch negatives per example + 1, at least 2 "
+                                 "(default: %(default)s).")
         parser.add_argument("--temperature", type=float, default=d["temperature"],
-                            help=f"softmax temperature (default {d['temperature']}).")
+                            help="softmax temperature (default: %(default)s).")
         parser.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float,
-                            default=d["learning_rate"], help=f"Adam's learning rate (default {d['learning_rate']}).")
+                            default=d["learning_rate"], help="Adam's learning rate (default: %(default)s).")
         parser.add_argument("--event-weights", "--event_weights", dest="event_weights", default=None,
-                            help="weight of each positive event, e.g. click=1,add_to_cart=2,purchase=4 "
-                                 "(the default).")
+                            help="weight of each positive event, as EVENT=W,... (default: "
+                                 + ",".join(f"{e}={w:g}" for e, w in clicks.DEFAULT_EVENT_WEIGHTS.items()) + ").")
         parser.add_argument("--no-logq", "--no_logq", dest="no_logq", action="store_true",
                             help="train without the logQ correction of popular items.")
         parser.add_argument("--seed", type=int, default=d["seed"],
-                            help=f"seed of initialisation and shuffling; same seed, same model on CPU "
-                                 f"(default {d['seed']}).")
+                            help="seed of initialisation and shuffling; same seed, same model on CPU "
+                                 "(default: %(default)s).")
         parser.add_argument("--promote-if-better", "--promote_if_better", dest="promote_if_better",
                             action="store_true",
                             help="move OUTPUT/LATEST only when the new model beats the index's fusion on "
                                  "held-out recall@10 (default: LATEST moves to every finished version).")
         parser.add_argument("--max-rejected-fraction", "--max_rejected_fraction", dest="max_rejected_fraction",
                             type=float, default=d["max_rejected_fraction"],
-                            help=f"stop before training when more click rows than this are rejected "
-                                 f"(default {d['max_rejected_fraction']}).")
+                            help="stop before training when more click rows than this are rejected "
+                                 "(default: %(default)s).")
         parser.add_argument("--image-root", "--image_root", dest="image_root", default=None,
-                            help="only read query photos under this folder or bucket prefix.")
+                            help="only read query photos under this folder or bucket prefix (default: no limit).")
         parser.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None,
-                            help="local copy of a gs:// index (default ~/.cache/catalog-index/releases).")
+                            help="local copy of a gs:// index (default: ~/.cache/catalog-index/releases).")
         parser.add_argument("--lease-seconds", "--lease_seconds", dest="lease_seconds", type=int,
                             default=lease.DEFAULT_SECONDS,
-                            help=f"expiry of the models directory's lease (default {lease.DEFAULT_SECONDS}).")
+                            help="expiry of the models directory's lease (default: %(default)s).")
 
     def check(self) -> str:
         """The checks that need no I/O; returns the models directory."""

@@ -207,15 +207,18 @@ DESCRIPTION = ("Serve searches over a published index over HTTP (FastAPI on uvic
 
 def add_arguments(parser):
     """The flags of ``catalog-index serve``, on ``parser`` (the CLI passes its strict ArgumentParser)."""
-    parser.add_argument("--index", required=True, help="output root of `catalog-index index` (local or gs://)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    parser.add_argument("--index", required=True,
+                        help="[required] output root of `catalog-index index` (local or gs://)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
-                        help="server processes (default 1); each loads the index and polls on its own")
+                        help="server processes; each loads the index and polls on its own (default: %(default)s)")
     parser.add_argument("--poll-seconds", "--poll_seconds", dest="poll_seconds", type=float, default=30.0,
-                        help="how often to check LATEST for a new version (default 30)")
+                        help="how often to check LATEST (or --version's CURRENT) for a new release "
+                             "(default: %(default)g)")
     parser.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", default=None,
-                        help="local folder for copies of a remote index (default: a temporary folder)")
+                        help="local folder for copies of a gs:// index; a local index is read in place "
+                             "(default: ~/.cache/catalog-index/releases)")
     parser.add_argument("--version", default=None,
                         help="serve this version and do not follow LATEST (default: the one LATEST names)")
     return parser
