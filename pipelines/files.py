@@ -2,10 +2,20 @@
 
 Everything the pipelines write or read goes through here (or through Beam IO),
 never through ``open``/``os`` directly, so that any filesystem Beam knows works.
+
+``file://`` URIs: Beam's local filesystem does not take them ("Unable to get
+filesystem from specified path"). ``local_path`` is the one rule: ``file://X``
+is the local path ``X`` (stripped as-is, no percent-decoding, as
+embedding/images.py reads image URIs). Every function here applies it to the
+paths it is given and returns plain local paths, and the commands' options
+apply it to their path flags (pipelines/preflight.py), so a path that reaches
+Beam IO, TensorFlow, a manifest or a worker is never a ``file://`` URI.
 """
 
 import hashlib
 import io
+import os
+import re
 import uuid
 from typing import Optional
 
@@ -16,34 +26,55 @@ from apache_beam.io.filesystems import FileSystems
 
 _CHUNK = 8 << 20
 _RAW = CompressionTypes.UNCOMPRESSED
+_FILE_SCHEME = "file://"
+_SCHEME = re.compile(r"([a-zA-Z][-a-zA-Z0-9+.]*)://")  # FileSystems.get_scheme's pattern
+
+
+def local_path(path):
+    """``file://X`` -> ``X`` (the scheme in any case); anything else unchanged (None stays None)."""
+    if isinstance(path, str) and path[:len(_FILE_SCHEME)].lower() == _FILE_SCHEME:
+        return path[len(_FILE_SCHEME):]
+    return path
+
+
+def scheme(path: str) -> str:
+    """The URI scheme of a path (``gs``, ``https``...), or "" for a local path (``file://`` included)."""
+    found = _SCHEME.match(local_path(path) or "")
+    return found.group(1).lower() if found else ""
+
+
+def is_local(path: str) -> bool:
+    """Whether a path names this machine's disk (a plain path or ``file://``), not a remote filesystem or URL."""
+    return scheme(path) == ""
 
 
 def join(base: str, *parts: str) -> str:
-    return FileSystems.join(base.rstrip("/"), *parts)
+    return FileSystems.join(local_path(base).rstrip("/"), *parts)
 
 
 def relative(path: str, base: str) -> str:
-    base = base.rstrip("/") + "/"
+    path = local_path(path)
+    base = local_path(base).rstrip("/") + "/"
     if not path.startswith(base):
         raise ValueError(f"{path} is not under {base}")
     return path[len(base):]
 
 
 def exists(path: str) -> bool:
-    return FileSystems.exists(path)
+    return FileSystems.exists(local_path(path))
 
 
 def size(path: str) -> int:
-    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    return FileSystems.match([local_path(path)])[0].metadata_list[0].size_in_bytes
 
 
 def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type=_RAW) as f:
+    with FileSystems.open(local_path(path), compression_type=_RAW) as f:
         return f.read()
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    with FileSystems.create(path, compression_type=_RAW) as f:
+    with FileSystems.create(local_path(path), compression_type=_RAW) as f:
         f.write(data)
 
 
@@ -54,16 +85,17 @@ def write_atomically(path: str, data: bytes) -> None:
     file: a local rename replaces the target atomically, and an object store's
     rename (copy, then delete the source) overwrites it in one object write.
     """
+    path = local_path(path)
     # Unique per writer: two runs never share (or delete) each other's temp file.
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     write_bytes(tmp, data)
     FileSystems.rename([tmp], [path])
 
 
-def copy_local_file(local_path: str, dest: str) -> tuple:
+def copy_local_file(source: str, dest: str) -> tuple:
     """Streams a local file to ``dest``; returns (size, sha256 hex) of what was written."""
     digest, size = hashlib.sha256(), 0
-    with open(local_path, "rb") as src, FileSystems.create(dest, compression_type=_RAW) as out:
+    with open(local_path(source), "rb") as src, FileSystems.create(local_path(dest), compression_type=_RAW) as out:
         while True:
             chunk = src.read(_CHUNK)
             if not chunk:
@@ -77,7 +109,7 @@ def copy_local_file(local_path: str, dest: str) -> tuple:
 def checksum(path: str) -> tuple:
     """(size, sha256 hex) of a file as stored now."""
     digest, size = hashlib.sha256(), 0
-    with FileSystems.open(path, compression_type=_RAW) as f:
+    with FileSystems.open(local_path(path), compression_type=_RAW) as f:
         while True:
             chunk = f.read(_CHUNK)
             if not chunk:
@@ -97,7 +129,7 @@ def write_parquet(path: str, table: pa.Table) -> tuple:
 
 
 def read_parquet(path: str, columns: Optional[list] = None) -> pa.Table:
-    with FileSystems.open(path, compression_type=_RAW) as f:
+    with FileSystems.open(local_path(path), compression_type=_RAW) as f:
         return pq.read_table(f, columns=columns)
 
 
@@ -107,13 +139,27 @@ def match_paths(pattern: str, flag: str) -> list:
     from schemas.errors import ConfigError, brief
 
     try:
-        matched = FileSystems.match([pattern])[0].metadata_list
+        matched = FileSystems.match([local_path(pattern)])[0].metadata_list
     except (BeamIOError, ValueError) as e:
         raise ConfigError(f"{flag} {pattern!r}: cannot list files: {brief(e)}") from e
     paths = sorted(m.path for m in matched)
     if not paths:
         raise ConfigError(f"{flag} {pattern!r} matches no file; check the path or glob")
+    folders = [p for p in paths if is_local(p) and os.path.isdir(p)]
+    if folders:
+        raise ConfigError(f"{flag} {pattern!r}: {folders[0]} is a folder; pass its files, e.g. "
+                          f"'{folders[0].rstrip('/')}/*.parquet'")
     return paths
+
+
+def any_file_below(prefix_dir: str) -> bool:
+    """Whether a folder or object-store prefix holds at least one file (lists at most one)."""
+    result = FileSystems.match([join(prefix_dir, "**")], limits=[1])[0]
+    return bool(result.metadata_list)
+
+
+def delete_file(path: str) -> None:
+    FileSystems.delete([local_path(path)])
 
 
 def list_files(prefix_dir: str) -> list:
@@ -129,12 +175,13 @@ def list_files(prefix_dir: str) -> list:
 def mkdirs(path: str) -> None:
     """Creates a directory where the filesystem has them; no-op if it exists."""
     try:
-        FileSystems.mkdirs(path)
+        FileSystems.mkdirs(local_path(path))
     except (IOError, OSError, BeamIOError):
         pass
 
 
 def delete_tree(directory: str) -> None:
+    directory = local_path(directory)
     files = list_files(directory)
     if files:
         FileSystems.delete(files)

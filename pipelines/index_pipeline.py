@@ -382,6 +382,9 @@ class IndexRunResult:
 
     def summary(self) -> str:
         if self.manifest is None:
+            if self.plan.dry_run:
+                return (f"dry run: nothing submitted (the job for version {self.plan.version} was built and "
+                        f"checked; nothing was published to {self.plan.output})")
             return f"pipeline submitted; version {self.plan.version} publishes when the job finishes"
         c = self.manifest["counts"]
         rate = c["indexed"] / self.wall_s if self.wall_s > 0 else float("nan")
@@ -492,7 +495,8 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
     options = PipelineOptions(argv if argv is not None else sys.argv[1:])
     opts = options.view_as(IndexOptions)
     opts.check()
-    # Validation writes nothing, so a configuration error leaves no trace in the output root.
+    # Validation writes only a probe file, deleted at once (and creates a missing local output folder), so a
+    # configuration error leaves no trace in the output root.
     plan = opts.validate(started=started)
     if not opts.no_memory_check:  # a catalog too big for the local runner stops here, not in the kernel's hands
         estimate = capacity.check_local_memory(plan.catalog_rows, plan.text_encoder.output_dim,

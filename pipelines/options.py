@@ -27,6 +27,7 @@ from embedding import images
 from embedding import languages
 from pipelines import files
 from pipelines import lease
+from pipelines import preflight
 from schemas import catalog as cat
 from schemas import layout
 
@@ -173,7 +174,11 @@ class IndexOptions(PipelineOptions):
         return self.shard_build_threads or os.cpu_count() or 1
 
     def check(self) -> str:
-        """The checks that need no I/O; returns the output root. Runs before the lease is taken."""
+        """The checks that need no I/O; returns the output root. Runs before the lease is taken.
+
+        ``file://`` path flags become plain local paths here, once for the whole run (pipelines/preflight.py).
+        """
+        preflight.normalise_paths(self, preflight.INDEX_PATHS)
         if not self.catalog:
             raise ConfigError("--catalog is required: a Parquet path or glob")
         if not self.output:
@@ -210,9 +215,11 @@ class IndexOptions(PipelineOptions):
     def validate(self, run_id: Optional[str] = None, started: Optional[datetime.datetime] = None) -> "IndexPlan":
         """Checks every option and input; returns the plan or raises ConfigError.
 
-        Called with the output root's lease held, so what it sees of the version folder stays true.
+        First what needs no model (pipelines/preflight.py: the runner's needs, credentials, a probe write in
+        the output root, the image root), then the catalog, then the encoders and the fusion model.
         """
         output = self.check()
+        dry_run = preflight.check_index(self)
         started = started or datetime.datetime.now(datetime.timezone.utc)
         version = self.index_version or default_version(started)
         snapshot = layout.parse_time(self.snapshot_time) if self.snapshot_time else started
@@ -241,6 +248,7 @@ class IndexOptions(PipelineOptions):
         fusion = fus.inspect_fusion(self.fusion_model, text.output_dim, image.output_dim, self.dimension,
                                     self.text_weight, self.image_weight, self.seed,
                                     encoders={enc.TEXT: text, enc.IMAGE: image})
+        preflight.create_output(output)  # a missing local folder, now that nothing above refused the run
         release = layout.new_release_id(started)
         return IndexPlan(
             catalog_pattern=self.catalog,
@@ -260,6 +268,7 @@ class IndexOptions(PipelineOptions):
             fusion=fusion,
             content_options=self.content_options(),
             text_choice=text_choice,
+            dry_run=dry_run,
         )
 
     def content_options(self) -> dict:
@@ -343,6 +352,7 @@ class IndexPlan:
     # Incremental runs: where unchanged items' vectors come from (pipelines/reuse.py Source), or None.
     # Not part of inputs(): reuse never changes the digest.
     reuse: Optional[object] = None
+    dry_run: bool = False  # a Dataflow --dry_run: the job is built, not submitted
 
     def vector_identity(self) -> dict:
         """This run's side of the reuse check (vector_identity)."""

@@ -7,6 +7,7 @@ preprocessing pipeline; the training itself runs in the launching process.
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import lease
+from pipelines import preflight
 from pipelines.options import positive  # one rule and message for every command's counts
 from schemas import clicks
 from schemas import layout
@@ -72,7 +73,9 @@ class TrainOptions(PipelineOptions):
                             help="expiry of the models directory's lease (default: %(default)s).")
 
     def check(self) -> str:
-        """The checks that need no I/O; returns the models directory."""
+        """The checks that need no I/O; returns the models directory. ``file://`` path flags become plain
+        local paths here (pipelines/preflight.py)."""
+        preflight.normalise_paths(self, preflight.TRAIN_PATHS)
         for flag, value in (("clicks", self.clicks), ("index", self.index), ("output", self.output)):
             if not value:
                 raise ConfigError(f"--{flag} is required (see `catalog-index train --help`)")
@@ -93,6 +96,13 @@ class TrainOptions(PipelineOptions):
         if self.models_version is not None:
             layout.check_version_name(self.models_version)
         return self.output.rstrip("/")
+
+    def validate(self) -> str:
+        """check(), then what can be checked before the index is read or a model loads (the runner, credentials,
+        a probe write in the models directory, the image root); returns the models directory."""
+        models_dir = self.check()
+        preflight.check_train(self)
+        return models_dir
 
     def training_options(self) -> dict:
         """What shapes the model, as recorded in training.json."""

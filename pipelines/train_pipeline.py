@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from pipelines import cas, files, lease
+from pipelines import cas, files, lease, preflight
 from pipelines.train_options import TrainOptions
 from schemas import embeddings as emb
 from schemas import layout
@@ -235,7 +235,7 @@ def run(argv=None, test_pipeline=None) -> TrainResult:
     start = time.perf_counter()
     options = PipelineOptions(argv if argv is not None else sys.argv[1:])
     opts = options.view_as(TrainOptions)
-    models_dir = opts.check()
+    models_dir = opts.validate()  # nothing heavy before this: pipelines/preflight.py
     event_weights = clicks.parse_event_weights(opts.event_weights)
     version = opts.models_version or layout.new_models_version()
     version_dir = files.join(models_dir, version)
@@ -244,6 +244,7 @@ def run(argv=None, test_pipeline=None) -> TrainResult:
                           f"rewritten, pick another name")
     pointer, release_dir, manifest = _open_index(opts)
     dim = opts.dimension or int(manifest["dimension"])
+    preflight.create_output(models_dir)  # a missing local folder (checked writable by opts.validate)
     owner = lease.Lease(models_dir, version, version, command="train", seconds=opts.lease_seconds).acquire()
     work = tempfile.mkdtemp(prefix="catalog-index-train-")
     try:

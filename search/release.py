@@ -42,7 +42,7 @@ def _local(root: str) -> str:
 
 
 def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if _is_remote(root) else os.path.join(root, *parts)
+    return "/".join([root.rstrip("/"), *parts]) if _is_remote(root) else os.path.join(_local(root), *parts)
 
 
 def _remote_fs():
