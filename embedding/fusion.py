@@ -224,7 +224,7 @@ def resolve_fusion_model(path: str) -> FusionModel:
     from schemas import layout
 
     fs = _gfile()
-    root = path[len("file://"):] if path.startswith("file://") else path
+    root = layout.local_path(path)
     latest = _join(root, layout.LATEST_FILE)
     version_dir, expected = root, None
     if fs.exists(latest):

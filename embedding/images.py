@@ -37,6 +37,7 @@ import urllib.parse
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from schemas import layout
 from schemas.errors import DataError
 from schemas.rejected import IMAGE_DECODE_FAILED, IMAGE_FETCH_FAILED, IMAGE_TOO_LARGE
 
@@ -521,9 +522,7 @@ def _outside_root(uri, image_root):
 
 
 def _local_path(uri):
-    # "file://" is stripped as-is (no percent-decoding), as Beam users expect:
-    # "file:///a/b.jpg" reads "/a/b.jpg".
-    return uri[len("file://"):] if uri[:7].lower() == "file://" else uri
+    return layout.local_path(uri)  # the one file:// rule
 
 
 def _read_local(uri, max_bytes, deadline, image_root):

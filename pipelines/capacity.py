@@ -22,8 +22,6 @@ BASE_BYTES = 2 * 1024 ** 3  # TensorFlow, two encoders, Beam
 PER_ITEM_OVERHEAD = 12 * 1024  # measured 9.5 KiB per item in all, tiny vectors included
 VECTOR_COPIES = 3
 HEADROOM = 0.9  # of the memory available when the run starts
-LOCAL_RUNNERS = frozenset({None, "", "directrunner", "direct", "prismrunner", "prism", "swappingrunner",
-                           "bundlebasedrunner", "fnapirunner"})
 
 
 class Estimate(NamedTuple):
@@ -37,8 +35,9 @@ class Estimate(NamedTuple):
 
 
 def is_local(runner) -> bool:
-    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
-    return (name or "").lower() in LOCAL_RUNNERS
+    from pipelines import preflight
+
+    return preflight.is_local_runner(runner)  # one rule for what runs on this machine
 
 
 def available_bytes() -> Optional[int]:

@@ -21,6 +21,7 @@ import threading
 import uuid
 from typing import Callable, Dict, Optional, Tuple
 
+from schemas import layout
 from schemas.errors import ConfigError
 
 ABSENT = None  # the token of a file that does not exist
@@ -42,7 +43,7 @@ class CasStore:
 class LocalCasStore(CasStore):
     @staticmethod
     def _local(path: str) -> str:
-        return path[len("file://"):] if path.startswith("file://") else path
+        return layout.local_path(path)
 
     def _lock(self, path: str):
         local = self._local(path)

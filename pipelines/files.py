@@ -24,17 +24,14 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from schemas import layout
+
 _CHUNK = 8 << 20
 _RAW = CompressionTypes.UNCOMPRESSED
-_FILE_SCHEME = "file://"
 _SCHEME = re.compile(r"([a-zA-Z][-a-zA-Z0-9+.]*)://")  # FileSystems.get_scheme's pattern
 
 
-def local_path(path):
-    """``file://X`` -> ``X`` (the scheme in any case); anything else unchanged (None stays None)."""
-    if isinstance(path, str) and path[:len(_FILE_SCHEME)].lower() == _FILE_SCHEME:
-        return path[len(_FILE_SCHEME):]
-    return path
+local_path = layout.local_path  # the file:// rule lives with the published layout (Beam-free)
 
 
 def scheme(path: str) -> str:

@@ -78,6 +78,7 @@ from pipelines import shards as shd
 from pipelines import transforms as tr
 from schemas import clicks as clk
 from schemas import embeddings as emb
+from schemas import layout
 from schemas import rejected as rej
 from schemas.errors import CatalogIndexError, ConfigError, DataError, brief
 
@@ -707,7 +708,7 @@ class PreprocessPlan(NamedTuple):
 
 def _local(path: str) -> str:
     # Beam's local filesystem takes plain paths, not file:// URLs.
-    return path[len("file://"):] if path.startswith("file://") else path
+    return layout.local_path(path)
 
 
 def match_clicks(pattern: str) -> tuple:

@@ -115,6 +115,17 @@ def shard_paths(index: int, num_shards: int) -> dict:
 # --------------------------------------------------------------------------- snapshot times
 
 
+FILE_SCHEME = "file://"
+
+
+def local_path(path):
+    """``file://X`` -> ``X`` (the scheme in any case, no percent-decoding: "file:///a/b.jpg" is "/a/b.jpg",
+    as Beam users expect); anything else unchanged (None stays None). The one rule for ``file://``."""
+    if isinstance(path, str) and path[:len(FILE_SCHEME)].lower() == FILE_SCHEME:
+        return path[len(FILE_SCHEME):]
+    return path
+
+
 def user_cache_dir(*parts: str) -> str:
     """The tool's local cache on this machine ($XDG_CACHE_HOME or ~/.cache, then catalog-index/...):
     built-in models under ``models``, local copies of remote releases under ``releases``."""

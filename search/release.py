@@ -34,11 +34,11 @@ class Release(NamedTuple):
 
 
 def _is_remote(root: str) -> bool:
-    return "://" in root and not root.startswith("file://")
+    return "://" in layout.local_path(root)
 
 
 def _local(root: str) -> str:
-    return root[len("file://"):] if root.startswith("file://") else root
+    return layout.local_path(root)
 
 
 def _join(root: str, *parts: str) -> str:
