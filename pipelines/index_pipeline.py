@@ -505,6 +505,14 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
         if estimate is not None:
             _log.info("memory estimate for the local runner: %.1f GiB of %s available", estimate.bytes_needed / 2 ** 30,
                       "?" if estimate.bytes_available is None else f"{estimate.bytes_available / 2 ** 30:.1f} GiB")
+    if plan.dry_run:  # Dataflow builds the job and submits nothing: no lease, no pointer touched
+        plan = dataclasses.replace(plan, reuse=reuse.resolve(plan, opts.reuse_from, opts.no_reuse))
+        options.view_as(SetupOptions).save_main_session = False
+        p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+        build_pipeline(p, plan, opts)
+        result = p.run()
+        return IndexRunResult(plan, None, time.perf_counter() - start, result,
+                              validation_s=time.perf_counter() - start)
     owner = lease.Lease(plan.output, plan.run_id, plan.version, seconds=opts.lease_seconds).acquire()
     try:
         owner.start_heartbeat()
