@@ -219,6 +219,9 @@ def _models(argv):
         for name in names:
             print(f"{builtin.PREFIX + name}: {builtin.ensure_built(name, args.model_cache)}")
     else:
+        from pipelines import preflight
+
+        preflight.check_output(args.to, "--to")  # writable (probe), before any model is built or copied
         for handle, path in builtin.export(names, args.to, args.model_cache).items():
             print(f"{handle}: {path}")
     return 0

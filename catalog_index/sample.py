@@ -339,6 +339,9 @@ def main(argv=None) -> int:
     if args.items < 0 or args.files < 1:
         parser.error("--items must be >= 0 and --files >= 1")
 
+    from pipelines import preflight
+
+    preflight.check_output(args.output)  # a folder it can write: one clear line, before anything is written
     from embedding import tiny  # imports TensorFlow: only when writing encoders
 
     info = generate_catalog(args.output, n_items=args.items, seed=args.seed,
