@@ -163,3 +163,19 @@ def test_rendered_request_body_names_only_template_parameters(tmp_path, gpu):
 def test_an_undeclared_extra_parameter_is_refused(tmp_path):
     done = _render(tmp_path, "-var", 'extra_parameters={"treez":"100"}')
     assert done.returncode != 0 and "every key must be a parameter of the index template" in done.stderr
+
+
+def test_gcloud_script_body_names_only_template_parameters():
+    """deploy/scheduler/create_nightly_job.sh, DRY_RUN=1: the same request as the Terraform module."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PROJECT": "my-project", "REGION": "europe-west4",
+           "BUCKET": "b", "LAUNCHER_SA": "l@my-project.iam.gserviceaccount.com",
+           "WORKER_SA": "w@my-project.iam.gserviceaccount.com", "CATALOG": "gs://b/catalog/current/*.parquet",
+           "DRY_RUN": "1"}
+    done = subprocess.run(["bash", str(ROOT / "deploy" / "scheduler" / "create_nightly_job.sh")], env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    text, command = done.stdout.rsplit("}\n", 1)
+    body = json.loads(text + "}")["launchParameter"]
+    assert set(body["parameters"]) <= set(_declared_parameters())
+    assert body["parameters"]["fusion_model"] == "gs://b/fusion"
+    assert body["containerSpecGcsPath"] == "gs://b/templates/index.json"
+    assert "flexTemplates:launch" in command and "--oauth-service-account-email=l@my-project" in command
