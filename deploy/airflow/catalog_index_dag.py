@@ -51,7 +51,7 @@ CONFIG = {
     # Bucket of the catalog, index, models, templates and temp files (see deploy/README.md's layout).
     "bucket": os.environ.get("CATALOG_INDEX_BUCKET", "my-catalog-bucket"),
     "worker_image": os.environ.get("CATALOG_INDEX_WORKER_IMAGE",
-                                   "europe-west4-docker.pkg.dev/my-project/catalog-index/worker:latest"),
+                                   "europe-west4-docker.pkg.dev/my-project/catalog-index/catalog-index-worker:0.1.0"),
     "service_account": os.environ.get("CATALOG_INDEX_SERVICE_ACCOUNT",
                                       "catalog-index-runner@my-project.iam.gserviceaccount.com"),
     "namespace": os.environ.get("CATALOG_INDEX_K8S_NAMESPACE", "catalog-index"),
@@ -162,6 +162,7 @@ with DAG(
                 "parameters": INDEX_PARAMETERS,
                 "environment": {
                     "serviceAccountEmail": CONFIG["service_account"],
+                    "sdkContainerImage": CONFIG["worker_image"],  # deploy/dataflow/Dockerfile
                     "tempLocation": BUCKET + "/tmp",
                     "stagingLocation": BUCKET + "/staging",
                     "machineType": CONFIG["machine_type"],

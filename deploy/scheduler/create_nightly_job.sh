@@ -7,6 +7,7 @@
 #   LAUNCHER_SA=catalog-index-launcher@my-project.iam.gserviceaccount.com \
 #   WORKER_SA=catalog-index-worker@my-project.iam.gserviceaccount.com \
 #   CATALOG='gs://my-catalog-bucket/catalog/current/*.parquet' \
+#   WORKER_IMAGE=europe-west4-docker.pkg.dev/my-project/catalog-index/catalog-index-worker:0.1.0 \
 #   deploy/scheduler/create_nightly_job.sh
 #
 # The body is fixed: each run gets the CLI's default version and snapshot (the launch's UTC time) and
@@ -14,7 +15,7 @@
 # (deploy/airflow/) or `catalog-index backfill`. Not run against a real project from here.
 set -euo pipefail
 
-: "${PROJECT:?}" "${REGION:?}" "${BUCKET:?}" "${LAUNCHER_SA:?}" "${WORKER_SA:?}" "${CATALOG:?}"
+: "${PROJECT:?}" "${REGION:?}" "${BUCKET:?}" "${LAUNCHER_SA:?}" "${WORKER_SA:?}" "${CATALOG:?}" "${WORKER_IMAGE:?}"
 SCHEDULE="${SCHEDULE:-0 3 * * *}"
 TIME_ZONE="${TIME_ZONE:-Etc/UTC}"
 JOB_NAME="${JOB_NAME:-catalog-index-nightly}"
@@ -48,6 +49,7 @@ cat > "${body}" <<JSON
     },
     "environment": {
       "serviceAccountEmail": "${WORKER_SA}",
+      "sdkContainerImage": "${WORKER_IMAGE}",
       "tempLocation": "gs://${BUCKET}/tmp",
       "stagingLocation": "gs://${BUCKET}/staging",
       "machineType": "${MACHINE_TYPE}",

@@ -31,6 +31,7 @@ locals {
 
   environment = merge({
     serviceAccountEmail   = var.worker_service_account
+    sdkContainerImage     = var.worker_image
     tempLocation          = "gs://${var.bucket}/tmp"
     stagingLocation       = "gs://${var.bucket}/staging"
     machineType           = var.machine_type

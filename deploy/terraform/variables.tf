@@ -41,6 +41,11 @@ variable "worker_service_account" {
   type        = string
 }
 
+variable "worker_image" {
+  description = "Worker image built from deploy/dataflow/Dockerfile (REGION-docker.pkg.dev/PROJECT/REPO/catalog-index-worker:VERSION): the project, its pinned packages and the built-in encoders."
+  type        = string
+}
+
 variable "job_name" {
   description = "Dataflow job name (also the scheduler job's name prefix): lowercase letters, digits and hyphens."
   type        = string

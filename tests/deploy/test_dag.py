@@ -189,6 +189,7 @@ def test_index_parameters_are_index_flags(dag):
     assert launch["containerSpecGcsPath"] == "gs://" + dag["config"]["CONFIG"]["bucket"] + "/templates/index.json"
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", _rendered(launch["jobName"])), "Dataflow job name"
     env = launch["environment"]
+    assert env["sdkContainerImage"] == dag["config"]["CONFIG"]["worker_image"], "workers run the pinned image"
     assert env["tempLocation"].startswith("gs://") and "use_runner_v2" in env["additionalExperiments"]
     assert kw["wait_until_finished"] is True, "gc must not start while the index still publishes"
 

@@ -153,6 +153,7 @@ def test_rendered_request_body_names_only_template_parameters(tmp_path, gpu):
     assert unknown == [] and args.catalog and args.output and args.trees == 100
     env = body["environment"]
     assert "use_runner_v2" in env["additionalExperiments"]
+    assert env["sdkContainerImage"].endswith("/catalog-index-worker:0.1.0"), "workers run the pinned image"
     assert env["tempLocation"].startswith("gs://")
     gpu_option = "dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
     assert (gpu_option in env.get("additionalPipelineOptions", [])) == (gpu == "true")
@@ -170,6 +171,7 @@ def test_gcloud_script_body_names_only_template_parameters():
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PROJECT": "my-project", "REGION": "europe-west4",
            "BUCKET": "b", "LAUNCHER_SA": "l@my-project.iam.gserviceaccount.com",
            "WORKER_SA": "w@my-project.iam.gserviceaccount.com", "CATALOG": "gs://b/catalog/current/*.parquet",
+           "WORKER_IMAGE": "r-docker.pkg.dev/p/r/catalog-index-worker:1",
            "DRY_RUN": "1"}
     done = subprocess.run(["bash", str(ROOT / "deploy" / "scheduler" / "create_nightly_job.sh")], env=env,
                           capture_output=True, text=True, timeout=60, check=True)
@@ -178,4 +180,5 @@ def test_gcloud_script_body_names_only_template_parameters():
     assert set(body["parameters"]) <= set(_declared_parameters())
     assert body["parameters"]["fusion_model"] == "gs://b/fusion"
     assert body["containerSpecGcsPath"] == "gs://b/templates/index.json"
+    assert body["environment"]["sdkContainerImage"] == "r-docker.pkg.dev/p/r/catalog-index-worker:1"
     assert "flexTemplates:launch" in command and "--oauth-service-account-email=l@my-project" in command
