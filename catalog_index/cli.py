@@ -22,7 +22,7 @@ import os
 import re
 import sys
 
-USAGE = """usage: catalog-index {index,backfill,train,verify,gc,models,sample,query,serve} [options]
+USAGE = """usage: catalog-index {index,backfill,train,verify,gc,models,sample,query,serve,deploy} [options]
 
   index      build and publish one index version from a catalog
   backfill   build one version per date from a dated catalog pattern
@@ -33,6 +33,7 @@ USAGE = """usage: catalog-index {index,backfill,train,verify,gc,models,sample,qu
   sample     write a generated sample catalog and tiny encoders (no network)
   query      search a published index (text, image or both; JSON lines out)
   serve      serve searches over HTTP (text, image upload), following LATEST
+  deploy     generate deployment files (Dataflow Flex Template metadata) from the CLI's own flags
 
 Run `catalog-index COMMAND --help` for the options of a command, with their defaults and which
 are required. `--verbose` anywhere keeps TensorFlow's native start-up messages and prints
@@ -318,8 +319,29 @@ def _serve(argv):
                                                     allow_abbrev=False))
 
 
+def _deploy(argv):
+    from pipelines import flags
+    from pipelines import templates
+
+    parser = flags.ArgumentParser(prog="catalog-index deploy", allow_abbrev=False,
+                                  description="Deployment files generated from the CLI itself.",
+                                  epilog="Run `catalog-index deploy ACTION --help` for an action's options.")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{template}")
+    text = ("write a pipeline's Dataflow Flex Template metadata.json, generated from its options (names, help, "
+            "required flags, defaults, regexes)")
+    template = sub.add_parser("template", help=text, description=text[:1].upper() + text[1:] + ".",
+                              allow_abbrev=False)
+    template.add_argument("--pipeline", required=True, choices=templates.PIPELINES,
+                          help="[required] the command the template runs: index or train")
+    template.add_argument("--out", required=True,
+                          help="[required] folder that receives metadata.json (created if missing)")
+    args = parser.parse_args(argv)
+    print(templates.write(args.pipeline, args.out))
+    return 0
+
+
 COMMANDS = {"index": _index, "backfill": _backfill, "train": _train, "verify": _verify, "gc": _gc, "models": _models,
-            "sample": _sample, "query": _query, "serve": _serve}
+            "sample": _sample, "query": _query, "serve": _serve, "deploy": _deploy}
 
 
 # What TensorFlow's C++ runtime prints at start-up on its own (absl's pre-init notice, oneDNN and

@@ -1,0 +1,319 @@
+"""Flex Template metadata is generated from the CLI's options and cannot drift (issue 12).
+
+The checked-in deploy/dataflow/{index,train}/metadata.json are regenerated through the real command
+(`catalog-index deploy template`) and compared byte for byte; both validate against the JSON Schema written
+down from Dataflow's TemplateMetadata/ParameterMetadata reference; required flags, defaults and the set of
+flags agree with the options classes. Then the index graph is built with Dataflow options and a dry run
+(fake GCS from tests/pipelines/test_preflight.py, no cloud), through the template launcher's main.py too.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+
+from catalog_index import cli
+from pipelines import files
+from pipelines import templates
+from schemas.errors import UsageError
+# The fake object store, credentials and dry-run helpers of the preflight tests (fixtures included).
+from tests.pipelines.test_preflight import (DATAFLOW, _google_auth, _index_argv, _main, _to_ram,  # noqa: F401
+                                            fake_gcs_root, no_model_loads)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATAFLOW_DIR = os.path.join(ROOT, "deploy", "dataflow")
+SCHEMA = os.path.join(DATAFLOW_DIR, "flex_template_metadata.schema.json")
+REQUIRED = {"index": {"catalog", "output"}, "train": {"clicks", "index", "output"}}
+
+
+def _checked_in(pipeline):
+    with open(os.path.join(DATAFLOW_DIR, pipeline, "metadata.json"), "rb") as f:
+        return f.read()
+
+
+def _load(pipeline):
+    return json.loads(_checked_in(pipeline))
+
+
+def _params(pipeline):
+    return {p["name"]: p for p in _load(pipeline)["parameters"]}
+
+
+def _main_py():
+    spec = importlib.util.spec_from_file_location("flex_template_main", os.path.join(DATAFLOW_DIR, "main.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- no drift
+
+
+@pytest.mark.parametrize("pipeline", templates.PIPELINES)
+def test_the_checked_in_metadata_is_what_the_command_generates(pipeline, tmp_path, capsys):
+    out = tmp_path / "out" / pipeline
+    assert cli.main(["deploy", "template", "--pipeline", pipeline, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "metadata.json")
+    generated = (out / "metadata.json").read_bytes()
+    assert generated == _checked_in(pipeline), (
+        f"deploy/dataflow/{pipeline}/metadata.json is stale: run `catalog-index deploy template --pipeline "
+        f"{pipeline} --out deploy/dataflow/{pipeline}`")
+    assert generated.endswith(b"}\n") and b"\r" not in generated
+    assert generated.decode() == json.dumps(json.loads(generated), indent=2, sort_keys=True,
+                                            ensure_ascii=False) + "\n"  # sorted and stable
+    assert templates.render(pipeline) == templates.render(pipeline)
+
+
+def test_the_hand_written_metadata_is_gone():
+    assert not os.path.exists(os.path.join(DATAFLOW_DIR, "metadata.json"))
+
+
+def test_deploy_refuses_an_unknown_pipeline_with_one_line(tmp_path, capsys):
+    status, _, last, _ = _main(capsys, ["deploy", "template", "--pipeline", "backfill", "--out", str(tmp_path)])
+    assert status == 2
+    assert last.startswith("catalog-index deploy: error: argument --pipeline: invalid choice: 'backfill'")
+    status, _, last, _ = _main(capsys, ["deploy", "template", "--pipeline", "index"])
+    assert status == 2 and "--out" in last
+    assert not os.listdir(tmp_path)
+
+
+# --------------------------------------------------------------------------- the format
+
+
+@pytest.mark.parametrize("pipeline", templates.PIPELINES)
+def test_the_metadata_validates_against_the_flex_template_schema(pipeline):
+    import jsonschema
+
+    with open(SCHEMA, encoding="utf-8") as f:
+        schema = json.load(f)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    errors = sorted(validator.iter_errors(_load(pipeline)), key=str)
+    assert not errors, "\n".join(e.message for e in errors)
+
+
+def test_the_schema_refuses_what_dataflow_would_not_take():
+    import jsonschema
+
+    with open(SCHEMA, encoding="utf-8") as f:
+        validator = jsonschema.Draft202012Validator(json.load(f))
+    good = {"name": "t", "parameters": [{"name": "a_b", "label": "A", "helpText": "h"}]}
+    assert validator.is_valid(good)
+    for bad in ({"name": "t", "parameters": [{"name": "a-b", "label": "A", "helpText": "h"}]},  # a dash
+                {"name": "t", "parameters": [{"name": "a", "label": "A"}]},  # no helpText
+                {"name": "t", "parameters": [{"name": "a", "label": "A", "helpText": "h", "isOptional": "yes"}]},
+                {"name": "t", "parameters": [{"name": "a", "label": "A", "helpText": "h", "defaultValue": 1}]},
+                {"name": "t", "parameters": [{"name": "a", "label": "A", "helpText": "h", "optional": True}]},
+                {"name": "t", "parameters": [{"name": "a", "label": "A", "helpText": "h", "paramType": "INT"}]}):
+        assert not validator.is_valid(bad), bad
+
+
+# --------------------------------------------------------------------------- agreement with the options
+
+
+@pytest.mark.parametrize("pipeline", templates.PIPELINES)
+def test_every_app_flag_is_a_parameter_under_a_spelling_the_options_accept(pipeline):
+    from pipelines import flags
+
+    parser, actions = templates.app_actions(pipeline)
+    params = _params(pipeline)
+    assert [p["name"] for p in _load(pipeline)["parameters"]] == [templates.parameter_name(a) for a in actions]
+    for action in actions:
+        name = templates.parameter_name(action)
+        assert "-" not in name and "--" + name in action.option_strings, action.option_strings
+    app = templates.options_class(pipeline)
+    prog = f"catalog-index {pipeline}"
+    for name, p in params.items():
+        value = "true" if p["paramType"] == "BOOLEAN" else p.get("defaultValue", "1" if p["paramType"] == "NUMBER" else "x")
+        # The launcher's --name=value, as main.py hands it on, is a flag the command knows.
+        flags.check_pipeline_flags(templates.cli_argv(pipeline, [f"--{name}={value}"]), prog, app=app)
+
+
+@pytest.mark.parametrize("pipeline", templates.PIPELINES)
+def test_exactly_the_required_flags_are_not_optional(pipeline):
+    params = _params(pipeline)
+    assert {n for n, p in params.items() if not p["isOptional"]} == REQUIRED[pipeline]
+    for name in REQUIRED[pipeline]:
+        assert "defaultValue" not in params[name]
+        assert not params[name]["helpText"].startswith("[required]")
+
+
+@pytest.mark.parametrize("pipeline", templates.PIPELINES)
+def test_defaults_are_the_options_defaults(pipeline):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    _, actions = templates.app_actions(pipeline)
+    defaults = PipelineOptions([]).view_as(templates.options_class(pipeline))
+    for action in actions:
+        p = _params(pipeline)[templates.parameter_name(action)]
+        default = getattr(defaults, action.dest)
+        if templates.is_switch(action):
+            assert p["defaultValue"] == "false" and default is False, action.dest
+        elif default is None:
+            assert "defaultValue" not in p, action.dest
+        else:
+            assert p["defaultValue"] == str(default), action.dest
+            # The stated default, given back as a parameter, parses to the same value.
+            given = PipelineOptions([f"--{p['name']}={p['defaultValue']}"]).view_as(templates.options_class(pipeline))
+            assert getattr(given, action.dest) == default, action.dest
+
+
+def test_the_index_template_has_what_the_issue_found_missing():
+    params = _params("index")
+    for name in ("model_cache", "image_size", "text_weight", "image_weight", "trees", "seed",
+                 "reject_on_image_error", "max_image_pixels", "large_model", "force"):
+        assert name in params, name
+    assert params["text_encoder"]["isOptional"] and params["text_encoder"]["defaultValue"] == "auto"
+    assert params["image_encoder"]["isOptional"]
+    assert params["shards"]["defaultValue"] == "1" and params["trees"]["defaultValue"] == "50"
+
+
+@pytest.mark.parametrize("pipeline", templates.PIPELINES)
+def test_regexes_take_the_defaults_and_refuse_the_wrong_form(pipeline):
+    for name, p in _params(pipeline).items():
+        for regex in p.get("regexes", []):
+            if "defaultValue" in p:
+                assert re.fullmatch(regex, p["defaultValue"]), (name, regex)
+    index = _params("index")
+    fits = lambda name, value: all(re.fullmatch(r, value) for r in index[name]["regexes"])  # noqa: E731
+    assert fits("shards", "16") and not fits("shards", "1.5") and not fits("shards", "x")
+    assert fits("min_recall", "0.9") and fits("min_recall", "1") and fits("text_weight", "1e-3")
+    assert not fits("min_recall", "high")
+    assert fits("force", "true") and fits("force", "false") and not fits("force", "yes")
+    assert fits("catalog", "gs://bucket-x/catalog/dt=2026-11-28/*.parquet") and fits("output", "gs://b-1/index")
+    for local in ("/data/catalog/*.parquet", "file:///data/out", "data/out", "gs:/b/x"):
+        assert not fits("output", local), local
+    assert "regexes" not in index["text_encoder"]  # auto, builtin:NAME, a TF Hub URL or gs://
+
+
+# --------------------------------------------------------------------------- the launcher's argv
+
+
+def test_switch_parameters_become_bare_flags_or_nothing():
+    argv = ["--catalog=gs://b/c/*.parquet", "--force=true", "--large_model=False", "--no_reuse=TRUE",
+            "--dry_run=True", "--runner=DataflowRunner", "--shards=4"]
+    assert templates.cli_argv("index", argv) == ["--catalog=gs://b/c/*.parquet", "--force", "--no_reuse",
+                                                 "--dry_run=True", "--runner=DataflowRunner", "--shards=4"]
+    assert templates.cli_argv("train", ["--promote_if_better=true", "--no_logq=false"]) == ["--promote_if_better"]
+    with pytest.raises(UsageError, match="--force takes true or false as a template parameter, got 'yes'"):
+        templates.cli_argv("index", ["--force=yes"])
+
+
+def test_main_py_runs_the_pipeline_named_by_the_environment(monkeypatch):
+    main = _main_py()
+    monkeypatch.delenv(main.PIPELINE_ENV, raising=False)
+    assert main.argv(["--catalog=gs://b/c", "--force=false"]) == ["index", "--catalog=gs://b/c"]
+    monkeypatch.setenv(main.PIPELINE_ENV, "train")
+    assert main.argv(["--promote_if_better=true"]) == ["train", "--promote_if_better"]
+
+
+# --------------------------------------------------------------------------- --help and the README
+
+
+def test_deploy_help_and_the_readme_table_agree(capsys):
+    from tests.catalog_index import test_help
+
+    recorded = []
+    original = argparse.ArgumentParser.print_help
+
+    def record(self, file=None):
+        recorded.append(self)
+        return original(self, file)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(argparse.ArgumentParser, "print_help", record)
+    try:
+        for argv in (["deploy", "--help"], ["deploy", "template", "--help"]):
+            with pytest.raises(SystemExit) as done:
+                cli.main(argv)
+            assert done.value.code == 0
+    finally:
+        monkey.undo()
+    capsys.readouterr()
+    helps = test_help.Help(recorded, "")
+    rows = test_help.readme()["deploy"]["rows"]
+    assert sorted(flag for flag, _, _ in rows) == sorted(helps.actions) == ["--out", "--pipeline"]
+    for flag, cell, _ in rows:
+        assert helps.required(flag) and cell == "required", flag
+    assert "deploy" in cli.USAGE
+
+
+# --------------------------------------------------------------------------- Dataflow dry runs
+
+
+def _catalog_in_fake_gcs(sample_catalog, folder):
+    for src in sorted(files.match_paths(sample_catalog["catalog_glob"], "--catalog")):
+        with open(src, "rb") as f:
+            files.write_bytes(f"{folder}/{os.path.basename(src)}", f.read())
+
+
+def _remote_encoders(tiny_encoders):
+    import uuid
+
+    ram = f"ram://deploy-{uuid.uuid4().hex}"
+    return _to_ram(tiny_encoders[0], ram + "/text"), _to_ram(tiny_encoders[1], ram + "/image")
+
+
+def test_the_index_template_builds_the_dataflow_job_without_submitting(sample_catalog, tiny_encoders, fake_gcs_root,
+                                                                       monkeypatch, capsys):
+    """What the launcher runs: main.py's argv from template-style --name=value parameters."""
+    _google_auth(monkeypatch)
+    _catalog_in_fake_gcs(sample_catalog, "fakegs://bucket/catalog")
+    text, image = _remote_encoders(tiny_encoders)
+    main = _main_py()
+    monkeypatch.delenv(main.PIPELINE_ENV, raising=False)
+    params = ["--catalog=fakegs://bucket/catalog/*.parquet", "--output=fakegs://bucket/index",
+              f"--text_encoder={text}", f"--image_encoder={image}", "--shards=2", "--force=false",
+              "--large_model=true", "--runner=DataflowRunner", "--project=proj-123", "--region=us-central1",
+              "--temp_location=gs://bucket-x/tmp", "--dry_run=True"]
+    status, stdout, last, _ = _main(capsys, main.argv(params))
+    assert status == 0, last
+    assert stdout.strip().splitlines()[-1].startswith("dry run: nothing submitted")
+    assert files.list_files("fakegs://bucket/index") == []  # no pointer, no release, no probe, no lease
+
+
+@pytest.mark.parametrize("flag", ["--catalog", "--output"])
+def test_the_index_template_refuses_local_paths(flag, sample_catalog, tmp_path, no_model_loads, monkeypatch,
+                                                capsys):
+    main = _main_py()
+    monkeypatch.delenv(main.PIPELINE_ENV, raising=False)
+    given = {"--catalog": "gs://bucket-x/c/*.parquet", "--output": "gs://bucket-x/out"}
+    given[flag] = sample_catalog["catalog_glob"] if flag == "--catalog" else str(tmp_path / "out")
+    params = [f"{k}={v}" for k, v in given.items()] + [
+        "--text_encoder=gs://bucket-x/m/text", "--image_encoder=gs://bucket-x/m/image", "--dry_run=True"]
+    status, _, last, _ = _main(capsys, main.argv(params + DATAFLOW))
+    assert status == 2, last
+    assert f"{flag} " in last and "is on this machine's disk" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_backfill_dry_run_builds_each_date_and_submits_nothing(sample_catalog, tiny_encoders, fake_gcs_root,
+                                                                monkeypatch, capsys):
+    _google_auth(monkeypatch)
+    for date in ("2026-11-27", "2026-11-28"):
+        _catalog_in_fake_gcs(sample_catalog, f"fakegs://bucket/catalog/dt={date}")
+    text, image = _remote_encoders(tiny_encoders)
+    argv = ["backfill", "--catalog-pattern", "fakegs://bucket/catalog/dt={date}/*.parquet", "--from", "2026-11-27",
+            "--to", "2026-11-28", "--output", "fakegs://bucket/index", "--text-encoder", text, "--image-encoder",
+            image, *DATAFLOW, "--dry_run=True"]
+    status, stdout, last, _ = _main(capsys, argv)
+    assert status == 0, last
+    lines = stdout.strip().splitlines()
+    for date in ("2026-11-27", "2026-11-28"):
+        line = next(x for x in lines if x.startswith(date))
+        assert "dry run: nothing submitted" in line and f"version {date}" in line, line
+    assert files.list_files("fakegs://bucket/index") == []
+
+
+def test_a_backfill_on_dataflow_refuses_a_local_catalog(sample_catalog, fake_gcs_root, no_model_loads, monkeypatch,
+                                                        capsys):
+    _google_auth(monkeypatch)
+    argv = ["backfill", "--catalog-pattern", os.path.dirname(sample_catalog["catalog_glob"]) + "/{date}*.parquet",
+            "--from", "2026-11-28", "--to", "2026-11-28", "--output", "fakegs://bucket/index", "--text-encoder",
+            "gs://bucket-x/m/text", "--image-encoder", "gs://bucket-x/m/image", *DATAFLOW, "--dry_run=True"]
+    status, stdout, _, _ = _main(capsys, argv)
+    assert status == 1, stdout
+    assert "2026-11-28  failed" in stdout and "--catalog" in stdout and "is on this machine's disk" in stdout, stdout
