@@ -30,6 +30,10 @@ One DAG, ``catalog_index``, one run per catalog day (schedule ``0 3 * * *``, ``c
 Backfill by date: ``airflow dags backfill catalog_index -s 2026-11-01 -e 2026-11-28`` or the catch-up
 runs after ``start_date``; each date is its own version, and LATEST only moves to a later snapshot.
 
+Written for Airflow 2.4+ (``schedule=``, ``airflow.operators.python``) with
+apache-airflow-providers-google and apache-airflow-providers-cncf-kubernetes; on Airflow 3 the
+ShortCircuitOperator import moves to ``airflow.providers.standard.operators.python``.
+
 Configuration comes from environment variables of the Airflow workers (read at parse time, no
 Variable/DB access): see ``CONFIG`` below and deploy/README.md. Not run here: Airflow is not installed
 on the machines this project is developed on; tests/deploy/test_dag.py checks the file's structure

@@ -49,7 +49,7 @@ def _dag_block(tree) -> ast.With:
 
 
 @pytest.fixture(scope="module")
-def dag(monkeypatch_module=None):
+def dag():
     tree = _tree()
     block = _dag_block(tree)
     body = [n for n in tree.body if not _is_airflow_import(n) and n is not block]
