@@ -202,6 +202,11 @@ def test_index_parameters_are_declared_by_the_template(dag):
         declared = {s[2:].replace("-", "_") for s in _option_strings(
             IndexOptions._add_argparse_args)}  # pylint: disable=protected-access
     assert set(params) <= declared, sorted(set(params) - declared)
+    if INDEX_METADATA.exists():  # values, as rendered for a date, pass the template's own regexes
+        regexes = {p["name"]: p.get("regexes", []) for p in json.loads(INDEX_METADATA.read_text())["parameters"]}
+        for name, value in params.items():
+            for regex in regexes[name]:
+                assert re.search(regex, _rendered(str(value))), f"{name}={value!r} does not match {regex}"
 
 
 def test_train_arguments(dag):
