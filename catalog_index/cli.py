@@ -334,7 +334,8 @@ def _deploy(argv):
     template.add_argument("--pipeline", required=True, choices=templates.PIPELINES,
                           help="[required] the command the template runs: index or train")
     template.add_argument("--out", required=True,
-                          help="[required] folder that receives metadata.json (created if missing)")
+                          help="[required] folder (local, file:// or gs://) that receives metadata.json; a local one "
+                               "is created when missing")
     args = parser.parse_args(argv)
     print(templates.write(args.pipeline, args.out))
     return 0

@@ -129,11 +129,20 @@ def render(pipeline: str) -> str:
 
 
 def write(pipeline: str, out_dir: str) -> str:
-    """Writes OUT_DIR/metadata.json (creating OUT_DIR); returns its path."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "metadata.json")
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(render(pipeline))
+    """Writes OUT_DIR/metadata.json (a local folder, created when missing, ``file://`` or an object store such
+    as gs://, through Beam's filesystems); returns its path. A local OUT_DIR that is a file: ConfigError."""
+    from pipelines import files
+    from schemas.errors import ConfigError
+    from schemas.layout import local_path
+
+    out_dir = local_path(out_dir)
+    if files.is_local(out_dir) and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir!r} is a file, not a folder; pass a folder (it is created when missing)")
+    path = files.join(out_dir, "metadata.json")
+    try:
+        files.write_bytes(path, render(pipeline).encode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir!r}: cannot write {path} ({e.strerror or e})") from None
     return path
 
 

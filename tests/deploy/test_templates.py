@@ -78,6 +78,20 @@ def test_deploy_refuses_an_unknown_pipeline_with_one_line(tmp_path, capsys):
     status, _, last, _ = _main(capsys, ["deploy", "template", "--pipeline", "index"])
     assert status == 2 and "--out" in last
     assert not os.listdir(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    status, _, last, _ = _main(capsys, ["deploy", "template", "--pipeline", "index", "--out", str(tmp_path / "a-file")])
+    assert status == 2
+    assert last == f"catalog-index deploy: error: --out {str(tmp_path / 'a-file')!r} is a file, not a folder; pass " \
+                   f"a folder (it is created when missing)"
+
+
+def test_deploy_writes_to_file_uris_and_object_stores(tmp_path, fake_gcs_root, capsys):
+    assert cli.main(["deploy", "template", "--pipeline", "train", "--out", "file://" + str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "metadata.json").read_bytes() == _checked_in("train")
+    assert cli.main(["deploy", "template", "--pipeline", "index", "--out", "fakegs://bucket/templates/index"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "fakegs://bucket/templates/index/metadata.json"
+    with open(os.path.join(fake_gcs_root, "bucket", "templates", "index", "metadata.json"), "rb") as f:
+        assert f.read() == _checked_in("index")
 
 
 # --------------------------------------------------------------------------- the format
