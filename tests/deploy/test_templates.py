@@ -331,3 +331,15 @@ def test_a_backfill_on_dataflow_refuses_a_local_catalog(sample_catalog, fake_gcs
     status, stdout, _, _ = _main(capsys, argv)
     assert status == 1, stdout
     assert "2026-11-28  failed" in stdout and "--catalog" in stdout and "is on this machine's disk" in stdout, stdout
+
+
+def test_the_train_template_is_refused_on_dataflow_for_now(tmp_path, monkeypatch, capsys):
+    """`catalog-index train` runs its preprocessing on the local runner only (pipelines/preflight.py): the train
+    template describes its flags, but a launch that passes --runner DataflowRunner ends in one line, exit 2."""
+    main = _main_py()
+    monkeypatch.setenv(main.PIPELINE_ENV, "train")
+    params = ["--clicks=gs://bucket-x/clicks/*.parquet", "--index=gs://bucket-x/index",
+              "--output=gs://bucket-x/models", "--promote_if_better=true", "--no_logq=false"]
+    status, _, last, _ = _main(capsys, main.argv(params) + DATAFLOW)
+    assert status == 2
+    assert "catalog-index train runs its preprocessing on the local runner only" in last
