@@ -33,8 +33,9 @@ COPY embedding ./embedding
 COPY schemas ./schemas
 COPY search ./search
 COPY training ./training
+# annoy is an sdist only: compiled here (the SDK image has a C++ compiler), installed from /wheels.
 RUN PIP_CONSTRAINT=/tmp/constraints.txt pip wheel --no-cache-dir --no-deps --constraint /tmp/constraints.txt \
-        --wheel-dir /wheels .
+        --wheel-dir /wheels . annoy
 
 # --- stage 2: the launcher -------------------------------------------------------------
 FROM gcr.io/dataflow-templates-base/python311-template-launcher-base@${LAUNCHER_BASE_DIGEST}
@@ -42,7 +43,7 @@ WORKDIR /template
 COPY deploy/constraints.txt /tmp/constraints.txt
 COPY --from=wheel /wheels /wheels
 # CPU TensorFlow is enough here: the launcher builds the graph, it encodes nothing.
-RUN pip install --no-cache-dir --constraint /tmp/constraints.txt /wheels/*.whl \
+RUN pip install --no-cache-dir --constraint /tmp/constraints.txt --find-links /wheels /wheels/catalog_index-*.whl \
  && python -c "import apache_beam, catalog_index.cli; assert apache_beam.__version__ == '2.77.0', apache_beam.__version__" \
  && rm -rf /wheels
 COPY deploy/dataflow/main.py /template/main.py
