@@ -82,7 +82,7 @@ def parse_args(argv):
 @dataclasses.dataclass
 class DateOutcome:
     date: str
-    status: str  # "published", "skipped" or "failed"
+    status: str  # "published", "skipped", "failed" or "dry run"
     detail: str = ""
 
 
@@ -113,6 +113,9 @@ def run(argv=None, index_run: Optional[Callable] = None) -> list:
             _log.exception("%s failed", date)
             continue
         lines = [line.strip() for line in result.summary().splitlines()]
+        if result.manifest is None:  # a Dataflow dry run: built, not submitted
+            outcomes.append(DateOutcome(date, "dry run", lines[0]))
+            continue
         counts = [line for line in lines if line.startswith("read ")]
         where = [line for line in lines if line.startswith("LATEST")]  # where LATEST ended, and why
         outcomes.append(DateOutcome(date, "published", "; ".join((counts or lines[:1]) + where)))

@@ -318,6 +318,7 @@ def test_a_backfill_dry_run_builds_each_date_and_submits_nothing(sample_catalog,
     lines = stdout.strip().splitlines()
     for date in ("2026-11-27", "2026-11-28"):
         line = next(x for x in lines if x.startswith(date))
+        assert line.startswith(f"{date}  dry run "), line  # not "published"
         assert "dry run: nothing submitted" in line and f"version {date}" in line, line
     assert files.list_files("fakegs://bucket/index") == []
 
