@@ -157,11 +157,15 @@ class ShardSet:
         self.close()
 
 
+SCORE_BYTES = 256 << 20  # queries are scored in chunks of at most this many bytes of scores
+
+
 def exact_search(matrix: np.ndarray, ids: list, vectors: np.ndarray, k: int) -> list:
     """Brute-force cosine top ``k`` of each query over the rows of ``matrix``, best first, ties by item_id.
 
     Rows and queries are L2-normalised first (all-zero ones score 0).
-    Returns one list of (item_id, cosine) per query.
+    Returns one list of (item_id, cosine) per query. Queries are scored a chunk at a time (SCORE_BYTES):
+    the recall gate's 10,000 queries against 1M items would otherwise need a 37 GiB score table.
     """
     m = np.asarray(matrix, dtype=np.float32)
     if m.ndim != 2 or m.shape[0] != len(ids):
@@ -171,9 +175,16 @@ def exact_search(matrix: np.ndarray, ids: list, vectors: np.ndarray, k: int) -> 
     norm = np.linalg.norm(m, axis=1, keepdims=True)
     m = np.divide(m, norm, out=np.zeros_like(m), where=norm > 0)
     q = _normalize_queries(vectors, m.shape[1])
-    scores = q @ m.T
     order_ids = np.asarray(ids, dtype=object)
     k = int(k)
+    out = []
+    step = max(1, SCORE_BYTES // (4 * max(1, m.shape[0])))
+    for start in range(0, len(q), step):
+        out.extend(_top_k(q[start:start + step] @ m.T, ids, order_ids, k))
+    return out
+
+
+def _top_k(scores: np.ndarray, ids: list, order_ids: np.ndarray, k: int) -> list:
     out = []
     for row in scores:
         # Sort by score descending, then item_id ascending (lexsort: last key first). Only the rows

@@ -9,6 +9,13 @@ import pytest  # noqa: E402
 GROCERY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "grocery-store", "dataset")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _log_files_in_tmp(tmp_path_factory):
+    """`catalog-index` run as a program (subprocess tests) writes a log file per run: keep those out of the
+    user's cache (catalog_index.cli.LOG_DIR_ENV; children inherit the environment)."""
+    os.environ.setdefault("CATALOG_INDEX_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
+
+
 @pytest.fixture(scope="session")
 def tiny_encoders(tmp_path_factory):
     """(text_path, image_path) of tiny real SavedModels: 64-d text, 48-d image from 32x32 input."""

@@ -127,3 +127,29 @@ def test_exact_search_equals_sorting_every_row():
         want = [[ids[i] for i in np.lexsort((np.asarray(ids, object), -row))[:k]] for row in scores]
         got = exact_search(m, ids, queries, k)
         assert [[i for i, _ in row] for row in got] == want
+
+
+def test_exact_search_scores_queries_a_chunk_at_a_time(monkeypatch):
+    """The score table is bounded (the recall gate's 10,000 queries x 1M items would be 37 GiB): with a
+    budget of a few rows, the queries go in chunks and the answer is the same."""
+    from search import ann
+
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(300, 8)).astype(np.float32)
+    ids = [f"i{x:03d}" for x in range(300)]
+    queries = rng.normal(size=(23, 8)).astype(np.float32)
+    whole = exact_search(m, ids, queries, 7)
+    chunks = []
+    real = ann._top_k
+
+    def spy(scores, *args):
+        chunks.append(len(scores))
+        return real(scores, *args)
+
+    monkeypatch.setattr(ann, "SCORE_BYTES", 4 * 300 * 5)  # five queries' scores at a time
+    monkeypatch.setattr(ann, "_top_k", spy)
+    chunked = exact_search(m, ids, queries, 7)
+    assert chunks == [5, 5, 5, 5, 3]
+    assert [[i for i, _ in row] for row in chunked] == [[i for i, _ in row] for row in whole]
+    np.testing.assert_allclose([[s for _, s in row] for row in chunked], [[s for _, s in row] for row in whole],
+                               atol=1e-6)
