@@ -15,7 +15,7 @@
 #   docker push REGION-docker.pkg.dev/PROJECT/REPO/catalog-index-launcher:VERSION
 #   gcloud dataflow flex-template build gs://BUCKET/templates/index.json \
 #       --image REGION-docker.pkg.dev/PROJECT/REPO/catalog-index-launcher:VERSION --sdk-language PYTHON \
-#       --metadata-file deploy/dataflow/metadata.json
+#       --metadata-file deploy/dataflow/index/metadata.json
 #
 # Without --build-arg the FROM line is invalid and the build stops at once (no silent `latest`).
 
