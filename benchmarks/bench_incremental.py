@@ -170,7 +170,7 @@ def make_encoders(work, text_dim, image_dim):
             f"tiny.build_text_encoder(sys.argv[1], dim={text_dim}, seed=0); "
             f"tiny.build_image_encoder(sys.argv[2], dim={image_dim}, seed=0)")
     text, image = os.path.join(work, "encoders", "text"), os.path.join(work, "encoders", "image")
-    subprocess.run([sys.executable, "-c", code, text, image], check=True, env=_env(), cwd=ROOT,
+    subprocess.run([sys.executable, "-c", code, text, image], check=True, env=_measure.child_env(), cwd=ROOT,
                    capture_output=True)
     return text, image
 
@@ -178,26 +178,15 @@ def make_encoders(work, text_dim, image_dim):
 # ------------------------------------------------------------------ measuring one run
 
 
-def _env():
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
-def _loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:
-        return None
 
 
 def run_timed(cmd, log_path, interval=0.5):
     """Runs cmd in a fresh child: wall, rc, wait4 maxrss, tree RSS/PSS peaks, output lines with their
     offsets in seconds from the start."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_measure.child_env(), cwd=ROOT)
     peaks = {"rss": 0, "pss": 0}
     stop = threading.Event()
     lines = []
@@ -224,7 +213,7 @@ def run_timed(cmd, log_path, interval=0.5):
     threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=read, daemon=True)]
     for t in threads:
         t.start()
-    load_before = _loadavg()
+    load_before = _measure.loadavg()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     stop.set()
@@ -234,7 +223,7 @@ def run_timed(cmd, log_path, interval=0.5):
         "wall_s": wall, "rc": os.waitstatus_to_exitcode(status), "maxrss_mib": usage.ru_maxrss / 1024.0,
         "tree_peak_rss_mib": peaks["rss"] / 2 ** 20, "tree_peak_pss_mib": peaks["pss"] / 2 ** 20,
         "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "loadavg_before": load_before,
-        "loadavg_after": _loadavg(), "lines": lines,
+        "loadavg_after": _measure.loadavg(), "lines": lines,
     }
 
 
@@ -446,11 +435,6 @@ def compare(release_a, release_b):
 # ------------------------------------------------------------------ main
 
 
-def code_state():
-    """HEAD and the files that differ from it: the runs import the working tree, not a commit."""
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"head": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "--untracked-files=no").splitlines()}
 
 
 def main(argv=None):
@@ -481,7 +465,7 @@ def main(argv=None):
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     t_all = time.perf_counter()
-    result = {"machine": _measure.machine_facts(), "args": vars(args), "runs": [], "code": code_state(),
+    result = {"machine": _measure.machine_facts(), "args": vars(args), "runs": [], "code": _measure.code_state(),
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
     def save():

@@ -196,7 +196,7 @@ def make_encoders(work):
             "tiny.build_text_encoder(sys.argv[1], seed=0); tiny.build_image_encoder(sys.argv[2], seed=0)")
     text, image = os.path.join(work, "encoders", "text"), os.path.join(work, "encoders", "image")
     if not (os.path.isdir(text) and os.path.isdir(image)):
-        subprocess.run([sys.executable, "-c", code, text, image], check=True, env=_env(), cwd=ROOT,
+        subprocess.run([sys.executable, "-c", code, text, image], check=True, env=_measure.child_env(), cwd=ROOT,
                        capture_output=True)
     return text, image
 
@@ -204,19 +204,8 @@ def make_encoders(work):
 # ------------------------------------------------------------------ measuring one run
 
 
-def _env():
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
-def _loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:
-        return None
 
 
 def _mem_available_gib():
@@ -249,7 +238,7 @@ def _machine_busy_ticks():
 
 def run_timed(cmd, log_path, interval=0.5, min_available_gib=1.5):
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_measure.child_env(), cwd=ROOT)
     peaks = {"rss": 0, "pss": 0}
     stop = threading.Event()
     lines, timeline, loads = [], [], []
@@ -295,7 +284,7 @@ def run_timed(cmd, log_path, interval=0.5, min_available_gib=1.5):
                              [round(x, 3) for x in threads], round((machine - last_machine) / TICKS / dt, 3),
                              round(cpu_total, 2), round(avail, 2)])
             if t_rel >= next_load:
-                loads.append([round(t_rel, 1), _loadavg()])
+                loads.append([round(t_rel, 1), _measure.loadavg()])
                 next_load = t_rel + 10
             if avail is not None and avail < min_available_gib and guard["killed"] is None:
                 guard["killed"] = f"MemAvailable {avail:.2f} GiB < {min_available_gib} GiB at {t_rel:.0f}s"
@@ -317,7 +306,7 @@ def run_timed(cmd, log_path, interval=0.5, min_available_gib=1.5):
                     print(f"    {t:8.1f}s {line[:200]}", flush=True)
 
     threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=read, daemon=True)]
-    load_before = _loadavg()
+    load_before = _measure.loadavg()
     for t in threads:
         t.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -329,7 +318,7 @@ def run_timed(cmd, log_path, interval=0.5, min_available_gib=1.5):
         "wall_s": wall, "rc": os.waitstatus_to_exitcode(status), "maxrss_mib": usage.ru_maxrss / 1024.0,
         "tree_peak_rss_mib": peaks["rss"] / 2 ** 20, "tree_peak_pss_mib": peaks["pss"] / 2 ** 20,
         "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "loadavg_before": load_before,
-        "loadavg_after": _loadavg(), "loadavg_samples": loads, "killed": guard["killed"],
+        "loadavg_after": _measure.loadavg(), "loadavg_samples": loads, "killed": guard["killed"],
         "min_mem_available_gib": guard["min_available_gib"], "lines": lines,
         "timeline_fields": ["t_s", "tree_rss_mib", "tree_cores_busy", "top_threads_core_share",
                             "machine_cores_busy", "tree_cpu_s_cumulative", "mem_available_gib"],
@@ -476,10 +465,6 @@ def growth(runs, shards, threads, dims):
 # ------------------------------------------------------------------ main
 
 
-def code_state():
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"head": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "--untracked-files=no").splitlines()}
 
 
 def table(result):
@@ -534,7 +519,7 @@ def main(argv=None):
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     threads = os.cpu_count() or 1
-    result = {"machine": _measure.machine_facts(), "args": vars(args), "code": code_state(), "runs": [],
+    result = {"machine": _measure.machine_facts(), "args": vars(args), "code": _measure.code_state(), "runs": [],
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "encoders": {"text_dim": 64, "image_dim": 48, "image_size": 32}, "shard_threads": threads}
 
