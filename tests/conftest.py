@@ -16,6 +16,20 @@ def _log_files_in_tmp(tmp_path_factory):
     os.environ.setdefault("CATALOG_INDEX_LOG_DIR", str(tmp_path_factory.mktemp("logs")))
 
 
+@pytest.fixture
+def fake_gcs_root(tmp_path):
+    """A fake gs://-like object store (tests/fake_gcs.py, scheme fakegs://) rooted in tmp_path; pointers and
+    the lease go through generation preconditions, as on GCS."""
+    from pipelines import cas
+    from tests import fake_gcs
+
+    fake_gcs.FakeGcsFileSystem.root = str(tmp_path / "bucket-root")
+    os.makedirs(fake_gcs.FakeGcsFileSystem.root)
+    cas.register(fake_gcs.SCHEME, lambda: cas.GcsCasStore(fake_gcs.FakeStorageClient(), scheme=fake_gcs.SCHEME))
+    yield fake_gcs.FakeGcsFileSystem.root
+    fake_gcs.FakeGcsFileSystem.root = None
+
+
 @pytest.fixture(scope="session")
 def tiny_encoders(tmp_path_factory):
     """(text_path, image_path) of tiny real SavedModels: 64-d text, 48-d image from 32x32 input."""

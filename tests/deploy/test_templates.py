@@ -19,9 +19,9 @@ from catalog_index import cli
 from pipelines import files
 from pipelines import templates
 from schemas.errors import UsageError
-# The fake object store, credentials and dry-run helpers of the preflight tests (fixtures included).
+# Credentials and dry-run helpers of the preflight tests (fixtures included; fake_gcs_root is in conftest).
 from tests.pipelines.test_preflight import (DATAFLOW, _google_auth, _index_argv, _main, _to_ram,  # noqa: F401
-                                            fake_gcs_root, no_model_loads)
+                                            no_model_loads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATAFLOW_DIR = os.path.join(ROOT, "deploy", "dataflow")

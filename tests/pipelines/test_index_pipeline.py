@@ -17,11 +17,9 @@ from schemas.errors import ConfigError
 from embedding import fusion as fus
 from pipelines import files
 from pipelines import index_pipeline
-from pipelines import cas
 from pipelines import publication as pub
 from schemas import layout
 from schemas import manifest as mf
-from tests import fake_gcs
 
 
 def index_args(catalog, output, encoders, *extra):
@@ -288,16 +286,6 @@ def test_console_script_end_to_end(sample_catalog, tiny_encoders, tmp_path):
                            timeout=600)
     assert again.returncode == 2 and again.stderr.strip().endswith("to publish a replacement")
     assert native.search(again.stderr) and "Traceback" in again.stderr  # ... unless --verbose
-
-
-@pytest.fixture
-def fake_gcs_root(tmp_path):
-    fake_gcs.FakeGcsFileSystem.root = str(tmp_path / "bucket-root")
-    os.makedirs(fake_gcs.FakeGcsFileSystem.root)
-    # Pointers and the lease go through generation preconditions, as on GCS.
-    cas.register(fake_gcs.SCHEME, lambda: cas.GcsCasStore(fake_gcs.FakeStorageClient(), scheme=fake_gcs.SCHEME))
-    yield fake_gcs.FakeGcsFileSystem.root
-    fake_gcs.FakeGcsFileSystem.root = None
 
 
 def test_runs_on_an_object_store_through_filesystems(sample_catalog, tiny_encoders, fake_gcs_root):

@@ -14,7 +14,6 @@ import pytest
 
 from catalog_index import cli
 from embedding import encoders as enc
-from pipelines import cas
 from pipelines import files
 from pipelines import preflight
 from schemas.errors import ConfigError
@@ -44,15 +43,6 @@ def no_model_loads(monkeypatch):
         raise AssertionError("an encoder was loaded before the up-front checks failed")
 
     monkeypatch.setattr(enc, "inspect_encoder", refuse)
-
-
-@pytest.fixture
-def fake_gcs_root(tmp_path):
-    fake_gcs.FakeGcsFileSystem.root = str(tmp_path / "bucket-root")
-    os.makedirs(fake_gcs.FakeGcsFileSystem.root)
-    cas.register(fake_gcs.SCHEME, lambda: cas.GcsCasStore(fake_gcs.FakeStorageClient(), scheme=fake_gcs.SCHEME))
-    yield fake_gcs.FakeGcsFileSystem.root
-    fake_gcs.FakeGcsFileSystem.root = None
 
 
 class _Credentials:
