@@ -379,13 +379,19 @@ def check_index(opts) -> bool:
                        model_cache=opts.model_cache)
     if is_dataflow(opts):
         check_dataflow(opts)
-    why = _needs_google(opts, [(flag, getattr(opts, attr)) for attr, flag in INDEX_PATHS])
+    _check_storage(opts, INDEX_PATHS)
+    return dry_run
+
+
+def _check_storage(opts, paths) -> None:
+    """The checks index and train share, in this order: credentials when a path flag needs Google, the
+    output root's probe, the image root. ``paths``: (option attribute, flag) pairs."""
+    why = _needs_google(opts, [(flag, getattr(opts, attr)) for attr, flag in paths])
     if why:
         check_credentials(why)
     check_output(opts.output)
     if opts.image_root:
         check_readable_root(opts.image_root)
-    return dry_run
 
 
 def check_train(opts) -> None:
@@ -397,10 +403,5 @@ def check_train(opts) -> None:
                           f"examples to this machine's temp folder and reads the index's embeddings from a local "
                           f"copy, which {runner} workers cannot see; remove --runner {runner} (the training "
                           f"itself runs in this process either way)")
-    why = _needs_google(opts, [(flag, getattr(opts, attr)) for attr, flag in TRAIN_PATHS])
-    if why:
-        check_credentials(why)
     # --clicks is matched by the preprocessing's plan, after the index is opened and before any model loads.
-    check_output(opts.output)
-    if opts.image_root:
-        check_readable_root(opts.image_root)
+    _check_storage(opts, TRAIN_PATHS)
