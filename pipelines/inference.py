@@ -63,3 +63,34 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
 
     def get_metrics_namespace(self) -> str:
         return f"{METRICS_NAMESPACE}.{self._kind}_encoder"
+
+
+class WholeBatches(ModelHandler[Sequence[Any], list, Encoder]):
+    """A handler whose example is a whole prepared batch: one list of inputs in, one list of vectors out.
+
+    Wrapped in ``KeyedModelHandler(...).with_no_batching()``, RunInference then takes one element
+    ``[(key, inputs)]`` per batch and gives back ``(key, vectors)``: the key (the batch's own record)
+    travels with its vectors through the encoder, so what follows needs no join by item id.
+    """
+
+    def __init__(self, handler: EncoderModelHandler):
+        super().__init__()
+        self._handler = handler
+
+    def load_model(self) -> Encoder:
+        return self._handler.load_model()
+
+    def run_inference(self, batch: Sequence[Sequence[Any]], model: Encoder, inference_args=None) -> Iterable[list]:
+        return [self._handler.run_inference(inputs, model, inference_args) for inputs in batch]
+
+    def get_num_bytes(self, batch) -> int:
+        return sum(self._handler.get_num_bytes(inputs) for inputs in batch)
+
+    def batch_elements_kwargs(self):
+        return self._handler.batch_elements_kwargs()
+
+    def share_model_across_processes(self) -> bool:
+        return self._handler.share_model_across_processes()
+
+    def get_metrics_namespace(self) -> str:
+        return self._handler.get_metrics_namespace()

@@ -330,21 +330,51 @@ class BatchItems(beam.PTransform):
         )
 
 
-class _LoadImages(beam.DoFn):
-    """(bucket, rows[, previous]) -> [(item_id, float32 [h, w, 3])] for the batch, and one failure per bad image.
+class _Joined(NamedTuple):
+    """One batch with its texts encoded: what loading its images and _Assemble need. Only these (no
+    image vector, no pixels) go through EncodeItems' shuffle; the image work that follows runs batch by
+    batch in one fused chain, so image vectors never wait in a runner's memory."""
 
-    Fetching and decoding run in a small thread pool: fetches wait on the
-    network or GCS, and Pillow releases the GIL while it decodes. Tagged
-    outputs: FAILED (item_id, (reason, message)); KEYS (item_id, sha256 of the
-    decoded bytes); REUSED (item_id, image_sha256) for images fetched and found
-    unchanged since the previous version (pipelines/reuse.py), which are not
-    decoded. Images whose (image_uri, image_version) match are not even fetched and
-    produce nothing: _Assemble applies the same rule to the batch.
+    rows: list  # CatalogRows without descriptions, in item_id order
+    text_keys: dict  # item_id -> sha256 of the item's text
+    previous: dict  # item_id -> reuse.Previous (incremental runs; {} otherwise)
+    text: dict  # item_id -> text vector encoded in this run
+    text_failed: dict  # item_id -> (reason, message): the text encoder failed on the item's text batch
+
+
+class _Images(NamedTuple):
+    """A batch after its images were fetched and decoded (the arrays go to the image encoder)."""
+
+    batch: _Joined
+    ids: tuple  # item ids of the arrays sent to the encoder, in order
+    keys: dict  # item_id -> sha256 of the bytes, for the loaded images
+    reused: dict  # item_id -> sha256: fetched and found unchanged since the previous version, not decoded
+    failed: dict  # item_id -> (reason, message)
+
+
+def _split_joined(element):
+    """(bucket, {batch, text, text_failed}) -> one _Joined per batch of the bucket, each item given the
+    vector (or failure) of its text when the text was encoded in this run (reused ones were not)."""
+    _, joined = element
+    text, failed = dict(joined["text"]), dict(joined["text_failed"])  # by text key
+    for rows, keys, previous in sorted(joined["batch"], key=lambda b: b[0][0].item_id):
+        encoded = {i: k for i, k in keys.items() if not reuse.text_unchanged(previous.get(i), k)}
+        yield _Joined(rows, keys, previous, {i: text[k] for i, k in encoded.items() if k in text},
+                      {i: failed[k] for i, k in encoded.items() if k in failed})
+
+
+class _LoadImages(beam.DoFn):
+    """_Joined -> its images fetched and decoded, in a small thread pool (fetches wait on the network or
+    GCS; Pillow releases the GIL while it decodes).
+
+    Outputs: ENCODE, [(_Images, [float32 [h, w, 3]])], one element for RunInference, when the batch has
+    images to encode; else the main output, (_Images, [], None), straight to _Assemble. IMAGES: the
+    arrays [(item_id, array)] for SampleQueryInputs. Images fetched and found unchanged since the
+    previous version (pipelines/reuse.py) are not decoded; images whose (image_uri, image_version) match
+    are not even fetched: _Assemble applies the same rule to the batch.
     """
 
-    FAILED = "failed"
-    KEYS = "image_keys"
-    REUSED = "image_reused"
+    ENCODE = "encode"
     THREADS = 8
 
     def __init__(self, size, max_pixels, fetch_options=None):
@@ -385,30 +415,34 @@ class _LoadImages(beam.DoFn):
         except Exception as e:  # an image library bug must not take the run down
             return None, None, (rej.IMAGE_DECODE_FAILED, brief(e))
 
-    def process(self, element):
-        previous = batch_previous(element)
+    def process(self, batch: _Joined):
         jobs = []
-        for row in batch_rows(element):
+        for row in batch.rows:
             if _blank(row.image_uri):
                 continue
-            before = previous.get(row.item_id)
+            before = batch.previous.get(row.item_id)
             if reuse.image_unchanged_by_version(before, row.image_uri, row.image_version):
                 self._not_fetched.inc()
             else:
                 jobs.append((row, before))
-        loaded = []
-        for (row, before), (array, sha, failure) in zip(jobs, self._pool.map(self._load, jobs)):
+        ids, arrays, keys, reused, failed = [], [], {}, {}, {}
+        for (row, _), (array, sha, failure) in zip(jobs, self._pool.map(self._load, jobs)):
             if failure is not None:
-                yield beam.pvalue.TaggedOutput(self.FAILED, (row.item_id, failure))
+                failed[row.item_id] = failure
             elif array is None:
-                yield beam.pvalue.TaggedOutput(self.REUSED, (row.item_id, sha))
+                reused[row.item_id] = sha
             else:
-                loaded.append((row.item_id, array))
-                yield beam.pvalue.TaggedOutput(self.KEYS, (row.item_id, sha))
-        if loaded:
-            self._loaded.inc(len(loaded))
-            progress.add(progress.IMAGES_LOADED, len(loaded))
-            yield loaded
+                ids.append(row.item_id)
+                arrays.append(array)
+                keys[row.item_id] = sha
+        loaded = _Images(batch, tuple(ids), keys, reused, failed)
+        if not arrays:
+            yield loaded, [], None
+            return
+        self._loaded.inc(len(arrays))
+        progress.add(progress.IMAGES_LOADED, len(arrays))
+        yield beam.pvalue.TaggedOutput(IMAGES, list(zip(ids, arrays)))
+        yield beam.pvalue.TaggedOutput(self.ENCODE, [(loaded, arrays)])
 
 
 def text_key(text: str) -> str:
@@ -416,36 +450,66 @@ def text_key(text: str) -> str:
 
 
 def _texts_by_key(element):
-    """(text key, (item_id, text)) per item to encode. Items whose text is the one their previous vector
-    was computed from (pipelines/reuse.py) produce nothing: _Assemble applies the same rule."""
-    previous = batch_previous(element)
+    """(text key, (bucket, text)) per item to encode. Items whose text is the one their previous vector
+    was computed from (pipelines/reuse.py) produce nothing: _split_joined and _Assemble apply the same rule."""
+    bucket, previous = element[0], batch_previous(element)
     for r in batch_rows(element):
         text = item_text(r)
         if text is not None:
             key = text_key(text)
             if not reuse.text_unchanged(previous.get(r.item_id), key):
-                yield key, (r.item_id, text)
+                yield key, (bucket, text)
+
+
+class _TextBuckets(beam.CombineFn):
+    """(bucket, text) of the items sharing one text -> (text, sorted buckets): the text goes to the
+    encoder once and its vector to each bucket holding an item with it. A combiner, so that runners
+    combine before the shuffle: one text per key per bundle travels, not one per item."""
+
+    def create_accumulator(self):
+        return [None, set()]
+
+    def add_input(self, accumulator, value):
+        bucket, text = value
+        accumulator[0] = text
+        accumulator[1].add(bucket)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for text, buckets in accumulators:
+            merged[0] = text if text is not None else merged[0]
+            merged[1].update(buckets)
+        return merged
+
+    def extract_output(self, accumulator):
+        text, buckets = accumulator
+        return text, tuple(sorted(buckets))
 
 
 def _cut_text_batches(element, batch_size):
-    # Sorted by length so a batch pads to similar lengths (shuffled lengths halved
-    # MiniLM's throughput on the Grocery texts), then by key for a stable order.
+    """(group, [((text key, buckets), text)]) -> batches for the text encoder.
+
+    Sorted by length so a batch pads to similar lengths (shuffled lengths halved
+    MiniLM's throughput on the Grocery texts), then by key for a stable order."""
     _, texts = element
-    texts = sorted(texts, key=lambda kt: (len(kt[1]), kt[0]))
+    texts = sorted(texts, key=lambda kt: (len(kt[1]), kt[0][0]))
     for start in range(0, len(texts), batch_size):
         yield texts[start:start + batch_size]
 
 
-def _fan_out_texts(element):
-    """(text key, {items, vector, failed}) -> (item_id, vector) per item, or its failure."""
-    _, joined = element
-    (members,) = joined["items"]
-    if joined["failed"]:
-        for item_id in members:
-            yield beam.pvalue.TaggedOutput(_EncodeTexts.FAILED, (item_id, joined["failed"][0]))
-    elif joined["vector"]:
-        for item_id in members:
-            yield item_id, joined["vector"][0]
+def _send_text_vector(element):
+    """((text key, buckets), vector) -> (bucket, (text key, vector)) for each bucket that needs it."""
+    (key, buckets), vector = element
+    for bucket in buckets:
+        yield bucket, (key, vector)
+
+
+def _send_text_failures(element):
+    """RunInference's dead letter for a text batch -> (bucket, (text key, failure)) per text and bucket."""
+    for (key, buckets), failure in _failed_batch(element):
+        for bucket in buckets:
+            yield bucket, (key, failure)
 
 
 class _KeyTexts(beam.DoFn):
@@ -461,8 +525,9 @@ class _EncodeTexts(beam.PTransform):
     Catalogs repeat texts (variants sharing a title and description; the
     Grocery train split has 81 distinct texts for 2,640 items), and the text
     encoder costs as much as the image encoder, so identical texts are grouped
-    by sha256 and encoded once. Outputs {"vectors": (item_id, vector), FAILED:
-    (item_id, (reason, message))}; reused texts never reach the encoder.
+    by sha256 and encoded once; each vector then goes once to each bucket with an
+    item that has the text. Outputs {"vectors": (bucket, (text key, vector)), FAILED:
+    (bucket, (text key, (reason, message)))}; reused texts never reach the encoder.
     """
 
     FAILED = "failed"
@@ -475,25 +540,17 @@ class _EncodeTexts(beam.PTransform):
 
     def expand(self, batches):
         nb = self._num_buckets
-        keyed = batches | "KeyTexts" >> beam.ParDo(_KeyTexts())
-        by_text = keyed | "GroupByText" >> beam.GroupByKey()
         unique_batches = (
-            by_text
-            | "KeyTextBuckets" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % nb, (kv[0], next(iter(kv[1]))[1])))
-            | "GroupTextBuckets" >> beam.GroupByKey()
+            batches
+            | "KeyTexts" >> beam.ParDo(_KeyTexts())
+            | "ListTextBuckets" >> beam.CombinePerKey(_TextBuckets())
+            | "KeyTextGroups" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % nb, ((kv[0], kv[1][1]), kv[1][0])))
+            | "GroupTexts" >> beam.GroupByKey()
             | "CutTextBatches" >> beam.FlatMap(_cut_text_batches, self._batch_size)
         )
         vectors, dlq = unique_batches | "RunTextEncoder" >> RunInference(self._handler).with_exception_handling()
-        fanned = (
-            {
-                "items": by_text | "ListItems" >> beam.Map(lambda kv: (kv[0], [item_id for item_id, _ in kv[1]])),
-                "vector": vectors,
-                "failed": dlq.failed_inferences | "ExplodeFailedTexts" >> beam.FlatMap(_failed_batch),
-            }
-            | "JoinTextVectors" >> beam.CoGroupByKey()
-            | "FanOutTexts" >> beam.FlatMap(_fan_out_texts).with_outputs(self.FAILED, main="vectors")
-        )
-        return {"vectors": fanned.vectors, self.FAILED: fanned[self.FAILED]}
+        return {"vectors": vectors | "SendTextVectors" >> beam.FlatMap(_send_text_vector),
+                self.FAILED: dlq.failed_inferences | "SendTextFailures" >> beam.FlatMap(_send_text_failures)}
 
 
 def _failure_text(exc) -> str:
@@ -518,11 +575,26 @@ def _failed_batch(element):
         yield key, (rej.ENCODER_FAILED, message)
 
 
-class _Assemble(beam.DoFn):
-    """Joins one bucket's items with their vectors and failures, in the bucket's batches.
+def _encoded_images(element):
+    """RunInference's output (_Images, [image vector]) -> _Assemble's input."""
+    loaded, vectors = element
+    return loaded, list(vectors), None
 
+
+def _failed_images(element):
+    """RunInference's dead letter ([(_Images, arrays)], exception) -> _Assemble's input, the batch's
+    loaded images marked failed."""
+    batch, exc = element
+    for loaded, arrays in batch:
+        yield loaded, [], f"encoder failed on a batch of {len(arrays)}: {_failure_text(exc)}"
+
+
+class _Assemble(beam.DoFn):
+    """Puts one batch's items together with their vectors and failures.
+
+    Input: (_Images, image vectors in _Images.ids order, the image encoder's failure or None).
     Decides per item: indexed, indexed but degraded (image failed, title present),
-    or rejected. Yields lists of EncodedItem, one per original batch. In an incremental
+    or rejected. Yields the batch's EncodedItems as one list. In an incremental
     run, items whose every vector is reused (and that have the vectors their previous rows
     had) go out tagged CARRIED, a list of reuse.Carried per batch: their previous rows go
     into their shards as they are. An item with some vector reused goes out tagged PARTIAL as (part, EncodedItem)
@@ -534,60 +606,59 @@ class _Assemble(beam.DoFn):
         self._carried = progress.counter(progress.ITEMS_CARRIED)
 
     def process(self, element):
-        _, joined = element
-        text = dict(joined["text"])
-        image = dict(joined["image"])
-        image_failed = dict(joined["image_failed"])
-        encode_failed = dict(joined["encode_failed"])
-        image_reused = dict(joined["image_reused"])  # fetched, found unchanged: {item_id: sha256}
-        image_keys = dict(joined["image_keys"])
-        for batch, text_keys, previous in sorted(joined["batch"], key=lambda b: b[0][0].item_id):
-            out, carried = [], []
-            for row in batch:
-                item_id = row.item_id
-                if item_id in encode_failed:
-                    yield beam.pvalue.TaggedOutput(REJECTED, reject(row, *encode_failed[item_id]))
+        loaded, vectors, image_failure = element
+        batch = loaded.batch
+        image = dict(zip(loaded.ids, vectors))
+        encode_failed = dict(batch.text_failed)
+        if image_failure is not None:
+            encode_failed.update((item_id, (rej.ENCODER_FAILED, image_failure)) for item_id in loaded.ids)
+        text_keys, previous, text = batch.text_keys, batch.previous, batch.text
+        out, carried = [], []
+        for row in batch.rows:
+            item_id = row.item_id
+            if item_id in encode_failed:
+                yield beam.pvalue.TaggedOutput(REJECTED, reject(row, *encode_failed[item_id]))
+                continue
+            before = previous.get(item_id)
+            # The rules of pipelines/reuse.py, as _KeyTexts and _LoadImages applied them to this batch.
+            reused_text = item_id in text_keys and reuse.text_unchanged(before, text_keys[item_id])
+            t = None if reused_text else text.get(item_id)
+            has_text = reused_text or t is not None
+            if item_id in loaded.failed:
+                reason, message = loaded.failed[item_id]
+                if self._reject_on_image_error or not has_text or _blank(row.title):
+                    yield beam.pvalue.TaggedOutput(REJECTED, reject(row, reason, message))
                     continue
-                before = previous.get(item_id)
-                # The rules of pipelines/reuse.py, as _KeyTexts and _LoadImages applied them to this batch.
-                reused_text = item_id in text_keys and reuse.text_unchanged(before, text_keys[item_id])
-                t = None if reused_text else text.get(item_id)
-                has_text = reused_text or t is not None
-                if item_id in image_failed:
-                    reason, message = image_failed[item_id]
-                    if self._reject_on_image_error or not has_text or _blank(row.title):
-                        yield beam.pvalue.TaggedOutput(REJECTED, reject(row, reason, message))
-                        continue
-                    yield beam.pvalue.TaggedOutput(
-                        DEGRADED, reject(row, reason, message + "; indexed from text alone"))
-                reused_sha = image_reused.get(item_id)
-                if reused_sha is None and not _blank(row.image_uri) and reuse.image_unchanged_by_version(
-                        before, row.image_uri, row.image_version):
-                    reused_sha = before.image_sha256
-                reused_image = reused_sha is not None
-                img, image_sha = (None, reused_sha) if reused_image else (image.get(item_id), image_keys.get(item_id))
-                has_image = reused_image or img is not None
-                if (before is not None and (reused_text or reused_image) and item_id not in image_failed
-                        and (reused_text or not (has_text or before.has_text))
-                        and (reused_image or not (has_image or before.has_image))):
-                    carried.append(reuse.Carried(item_id, before.part, row.title,
-                                                 None if _blank(row.image_uri) else row.image_uri, row.image_version))
-                    continue
-                item = EncodedItem(row, t, img,
-                                   text_sha256=text_keys.get(item_id) if has_text else None,
-                                   image_sha256=image_sha if has_image else None,
-                                   text_reused=reused_text, image_reused=reused_image,
-                                   part=before.part if reused_text or reused_image else None)
-                if item.part is not None:
-                    yield beam.pvalue.TaggedOutput(PARTIAL, (item.part, item))
-                else:
-                    out.append(item)
-            if out:
-                yield out
-            if carried:  # one element per batch, not per item: most items of a nightly run are carried
-                self._carried.inc(len(carried))
-                progress.add(progress.ITEMS_CARRIED, len(carried))
-                yield beam.pvalue.TaggedOutput(CARRIED, carried)
+                yield beam.pvalue.TaggedOutput(
+                    DEGRADED, reject(row, reason, message + "; indexed from text alone"))
+            reused_sha = loaded.reused.get(item_id)
+            if reused_sha is None and not _blank(row.image_uri) and reuse.image_unchanged_by_version(
+                    before, row.image_uri, row.image_version):
+                reused_sha = before.image_sha256
+            reused_image = reused_sha is not None
+            img, image_sha = (None, reused_sha) if reused_image else (image.get(item_id), loaded.keys.get(item_id))
+            has_image = reused_image or img is not None
+            if (before is not None and (reused_text or reused_image) and item_id not in loaded.failed
+                    and (reused_text or not (has_text or before.has_text))
+                    and (reused_image or not (has_image or before.has_image))):
+                carried.append(reuse.Carried(item_id, before.part, row.title,
+                                             None if _blank(row.image_uri) else row.image_uri, row.image_version))
+                continue
+            item = EncodedItem(row, t, img,
+                               text_sha256=text_keys.get(item_id) if has_text else None,
+                               image_sha256=image_sha if has_image else None,
+                               text_reused=reused_text, image_reused=reused_image,
+                               part=before.part if reused_text or reused_image else None)
+            if item.part is not None:
+                yield beam.pvalue.TaggedOutput(PARTIAL, (item.part, item))
+            else:
+                out.append(item)
+        if out:
+            yield out
+        if carried:  # one element per batch, not per item: most items of a nightly run are carried
+            self._carried.inc(len(carried))
+            progress.add(progress.ITEMS_CARRIED, len(carried))
+            yield beam.pvalue.TaggedOutput(CARRIED, carried)
 
 
 class _FillReused(beam.DoFn):
@@ -630,14 +701,20 @@ def _slim_batch(batch):
 
 
 class EncodeItems(beam.PTransform):
-    """Runs the text and image encoders as RunInference steps keyed by item_id.
+    """Runs the text and image encoders as RunInference steps on the deterministic batches.
 
-    Input: deterministic batches from BatchItems. Outputs {"items": [EncodedItem]
-    per batch, "rejected": Rejection, "degraded": Rejection, "images": the loaded
-    pixels per batch, "carried": [reuse.Carried] per batch}. Batches with previous rows (BatchItems
-    with ``previous``) reuse vectors by pipelines/reuse.py's rules: items with every
-    vector reused leave as "carried" (WriteAnnoyShards copies their rows), the
-    vectors of the others are read from ``previous_parts`` (reuse.Source.embeddings).
+    Input: batches from BatchItems. Texts are encoded once per distinct text (_EncodeTexts) and joined
+    back to their batches by bucket; then each batch runs, in one fused chain with no shuffle, through
+    loading its images, the image encoder (RunInference with the whole batch as one example) and
+    _Assemble. So the shuffle holds rows without descriptions, text keys and text vectors, but no image
+    vector and no pixels: on the local runner, which holds a shuffle in memory, that is what keeps the
+    image side flat (1,280 floats per item with the built-in encoder).
+
+    Outputs {"items": [EncodedItem] per batch, "rejected": Rejection, "degraded": Rejection, "images":
+    the loaded pixels per batch, "carried": [reuse.Carried] per batch}. Batches with previous rows
+    (BatchItems with ``previous``) reuse vectors by pipelines/reuse.py's rules: items with every vector
+    reused leave as "carried" (WriteAnnoyShards copies their rows), the vectors of the others are read
+    from ``previous_parts`` (reuse.Source.embeddings).
     """
 
     def __init__(self, text_encoder: str, image_encoder: str, image_size, num_buckets: int, batch_size: int = 32,
@@ -649,12 +726,13 @@ class EncodeItems(beam.PTransform):
         self._previous_parts = tuple(previous_parts)
         self._fetch_options = {"timeout": image_timeout, "allow_private_hosts": allow_private_hosts,
                                "image_root": image_root}
-        # Batches are formed upstream (BatchItems), so RunInference must not re-batch.
+        # Batches are formed upstream (BatchItems), so RunInference must not re-batch: texts come as
+        # lists of (text key, text); a batch's images as one example, keyed by the batch.
         self._text = KeyedModelHandler(inference.EncoderModelHandler(
             text_encoder, enc.TEXT, large_model=large_model, model_cache=model_cache)).with_no_batching()
-        self._image = KeyedModelHandler(inference.EncoderModelHandler(
+        self._image = KeyedModelHandler(inference.WholeBatches(inference.EncoderModelHandler(
             image_encoder, enc.IMAGE, image_size=image_size, large_model=large_model,
-            model_cache=model_cache)).with_no_batching()
+            model_cache=model_cache))).with_no_batching()
         self._image_size = tuple(image_size)
         self._num_buckets = num_buckets
         self._batch_size = batch_size
@@ -662,48 +740,41 @@ class EncodeItems(beam.PTransform):
         self._reject_on_image_error = reject_on_image_error
 
     def expand(self, batches):
-        nb = self._num_buckets
-
-        def by_bucket(kv):
-            return shd.stable_shard(kv[0], nb), kv
-
-        texts = batches | "EncodeTexts" >> _EncodeTexts(self._text, nb, self._batch_size)
-        loaded = batches | "LoadImages" >> beam.ParDo(
-            _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(
-            _LoadImages.FAILED, _LoadImages.KEYS, _LoadImages.REUSED, main="arrays")
-        image_vectors, image_dlq = (
-            loaded.arrays | "EncodeImages" >> RunInference(self._image).with_exception_handling())
-        encode_failed = (
-            (texts[_EncodeTexts.FAILED],
-             image_dlq.failed_inferences | "ExplodeFailedImages" >> beam.FlatMap(_failed_batch))
-            | "FlattenEncoderFailures" >> beam.Flatten()
-        )
+        texts = batches | "EncodeTexts" >> _EncodeTexts(self._text, self._num_buckets, self._batch_size)
         # The join needs ids, titles and provenance, not the descriptions nor the previous vectors: leave
         # them behind, keeping each text's sha256 (the embeddings table's text_sha256).
         slim = batches | "DropDescriptions" >> beam.Map(_slim_batch)
         joined = (
             {
                 "batch": slim,
-                "text": texts["vectors"] | "BucketTexts" >> beam.Map(by_bucket),
-                "image_reused": loaded[_LoadImages.REUSED] | "BucketReusedImages" >> beam.Map(by_bucket),
-                "image_keys": loaded[_LoadImages.KEYS] | "BucketImageKeys" >> beam.Map(by_bucket),
-                "image": image_vectors | "BucketImages" >> beam.Map(by_bucket),
-                "image_failed": loaded[_LoadImages.FAILED] | "BucketImageFailures" >> beam.Map(by_bucket),
-                "encode_failed": encode_failed | "BucketEncoderFailures" >> beam.Map(by_bucket),
+                "text": texts["vectors"],
+                "text_failed": texts[_EncodeTexts.FAILED],
             }
-            | "JoinVectors" >> beam.CoGroupByKey()
+            | "JoinTextVectors" >> beam.CoGroupByKey()
+            | "SplitBatches" >> beam.FlatMap(_split_joined)
+        )
+        loaded = joined | "LoadImages" >> beam.ParDo(
+            _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(
+            _LoadImages.ENCODE, IMAGES, main="no_images")
+        vectors, dlq = loaded[_LoadImages.ENCODE] | "EncodeImages" >> RunInference(
+            self._image).with_exception_handling()
+        assembled = (
+            (loaded.no_images,
+             vectors | "ListImageVectors" >> beam.Map(_encoded_images),
+             dlq.failed_inferences | "MarkFailedImages" >> beam.FlatMap(_failed_images))
+            | "FlattenImageBatches" >> beam.Flatten()
             | "AssembleItems" >> beam.ParDo(_Assemble(self._reject_on_image_error)).with_outputs(
                 REJECTED, DEGRADED, CARRIED, PARTIAL, main="items")
         )
-        items = joined.items
+        items = assembled.items
         if self._previous_parts:
-            filled = (joined[PARTIAL]
+            filled = (assembled[PARTIAL]
                       | "GroupPartialByPart" >> beam.GroupByKey()
                       | "ReadReusedVectors" >> beam.ParDo(_FillReused(self._previous_parts, self._batch_size)))
             items = (items, filled) | "FlattenFilledItems" >> beam.Flatten()
         # "images": the prepared pixels, per batch [(item_id, float32 [h, w, 3])], for SampleQueryInputs.
-        return {"items": items, REJECTED: joined[REJECTED], DEGRADED: joined[DEGRADED],
-                IMAGES: loaded.arrays, CARRIED: joined[CARRIED]}
+        return {"items": items, REJECTED: assembled[REJECTED], DEGRADED: assembled[DEGRADED],
+                IMAGES: loaded[IMAGES], CARRIED: assembled[CARRIED]}
 
 
 class _Fuse(beam.DoFn):

@@ -19,3 +19,19 @@ def test_model_handler_encodes_batches_one_vector_per_example(tiny_encoders):
     vecs = ih.run_inference(images, ih.load_model())
     assert [v.shape for v in vecs] == [(48,), (48,)]
     assert ih.get_num_bytes(images) == 2 * 32 * 32 * 3 * 4
+
+
+def test_whole_batches_encodes_each_example_as_one_batch(tiny_encoders):
+    """One example is a whole batch: one list of vectors per example, equal to encoding that batch alone."""
+    inner = inference.EncoderModelHandler(tiny_encoders[1], enc.IMAGE, image_size=(32, 32))
+    handler = inference.WholeBatches(inner)
+    model = handler.load_model()
+    rng = np.random.default_rng(7)
+    first = [rng.random((32, 32, 3), dtype=np.float32) for _ in range(3)]
+    second = [rng.random((32, 32, 3), dtype=np.float32)]
+    out = handler.run_inference([first, second], model)
+    assert [len(v) for v in out] == [3, 1]
+    np.testing.assert_array_equal(np.stack(out[0]), model.encode(np.stack(first)))
+    np.testing.assert_array_equal(np.stack(out[1]), model.encode(np.stack(second)))
+    assert handler.get_num_bytes([first, second]) == 4 * 32 * 32 * 3 * 4
+    assert handler.get_metrics_namespace() == inner.get_metrics_namespace()

@@ -278,6 +278,43 @@ def test_encoder_failures_reject_the_batch_items(tmp_path, tiny_encoders):
                     label="CheckRejected")
 
 
+def _failing_image_encoder(path):
+    """A real SavedModel image encoder (32 x 32) that fails on any batch holding a near-white image."""
+    import tensorflow as tf
+
+    class Failing(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def __call__(self, images):
+            ok = tf.reduce_all(tf.reduce_mean(images, axis=[1, 2, 3]) < 0.9)
+            with tf.control_dependencies([tf.debugging.Assert(ok, ["white image in batch"])]):
+                return tf.reduce_mean(images, axis=[1, 2])[:, :3] + 0.25
+
+    tf.saved_model.save(Failing(), path)
+    return path
+
+
+def test_image_encoder_failure_rejects_that_batch_only_and_keeps_its_batch_mates_text(tmp_path, tiny_encoders):
+    """The image encoder's dead letter (RunInference with a whole batch as one example) comes back to its
+    batch: the batch's items with a loaded image are rejected with the encoder's message; a text-only
+    item of the same batch and the other batches are indexed."""
+    image = _failing_image_encoder(str(tmp_path / "failing"))
+    dark, white = _png(tmp_path / "d.png", (20, 60, 90)), _png(tmp_path / "w.png", (255, 255, 255))
+    rows = [row("a-dark", "dark", image_uri=dark), row("b-white", "white", image_uri=white),
+            row("c-text", "text only"), row("d-white", None, image_uri=white)]
+    with TestPipeline() as p:
+        # One bucket, batches of 2 in item_id order: [a-dark, b-white] fails, [c-text, d-white] fails.
+        batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=2)
+        out = batches | tr.EncodeItems(tiny_encoders[0], image, (32, 32), num_buckets=1, batch_size=2)
+        assert_that(out["items"] | beam.FlatMap(lambda b: [(it.row.item_id, it.image_embedding is None)
+                                                           for it in b]),
+                    equal_to([("c-text", True)]), label="CheckEncoded")
+        message = "encoder failed on a batch of {}: InvalidArgumentError: assertion failed: [white image in batch]"
+        assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.reason, r.message)),
+                    equal_to([("a-dark", rej.ENCODER_FAILED, message.format(2)),
+                              ("b-white", rej.ENCODER_FAILED, message.format(2)),
+                              ("d-white", rej.ENCODER_FAILED, message.format(1))]), label="CheckRejected")
+
+
 # ---------------------------------------------------------------------------
 # The shard stage stages items in files (issue 9): only file names go through the shuffle.
 
