@@ -10,7 +10,8 @@ For each size N (smallest first) this writes a seeded catalog of N items and run
     catalog-index index --catalog CAT --output OUT --text-encoder T --image-encoder I --shards 16
         --dimension 256 --runner DirectRunner
 
-with the tiny encoders of ``embedding/tiny.py`` at their defaults (text 64-d, image 48-d, 32 x 32 input),
+with the tiny encoders of ``embedding/tiny.py`` at their defaults (text 64-d, image 48-d, 32 x 32 input;
+``--text-dim 384 --image-dim 1280`` gives them the built-in encoders' sizes),
 built once per work dir. The question is how peak memory grows with the item count: issue 9 asks for at
 most ~1 KB per item beyond the vectors of the shards being built at once.
 
@@ -191,10 +192,12 @@ def make_catalog(work, items, n, n_files, pool):
             "image_pool": pool, **pic_facts, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def make_encoders(work):
+def make_encoders(work, text_dim=64, image_dim=48):
     code = ("import sys; from embedding import tiny; "
-            "tiny.build_text_encoder(sys.argv[1], seed=0); tiny.build_image_encoder(sys.argv[2], seed=0)")
-    text, image = os.path.join(work, "encoders", "text"), os.path.join(work, "encoders", "image")
+            f"tiny.build_text_encoder(sys.argv[1], dim={text_dim}, seed=0); "
+            f"tiny.build_image_encoder(sys.argv[2], dim={image_dim}, seed=0)")
+    sizes = "" if (text_dim, image_dim) == (64, 48) else f"-{text_dim}-{image_dim}"
+    text, image = (os.path.join(work, "encoders" + sizes, "text"), os.path.join(work, "encoders" + sizes, "image"))
     if not (os.path.isdir(text) and os.path.isdir(image)):
         subprocess.run([sys.executable, "-c", code, text, image], check=True, env=_measure.child_env(), cwd=ROOT,
                        capture_output=True)
@@ -504,6 +507,10 @@ def main(argv=None):
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--dimension", type=int, default=256)
+    ap.add_argument("--text-dim", type=int, default=64,
+                    help="the tiny text encoder's size (384: the built-in MiniLM's)")
+    ap.add_argument("--image-dim", type=int, default=48,
+                    help="the tiny image encoder's size (1280: the built-in EfficientNet-Lite0's)")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between memory/CPU samples")
     ap.add_argument("--min-available-gib", type=float, default=1.5,
                     help="kill a run when the machine's MemAvailable falls below this")
@@ -521,7 +528,7 @@ def main(argv=None):
     threads = os.cpu_count() or 1
     result = {"machine": _measure.machine_facts(), "args": vars(args), "code": _measure.code_state(), "runs": [],
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "encoders": {"text_dim": 64, "image_dim": 48, "image_size": 32}, "shard_threads": threads}
+              "encoders": {"text_dim": args.text_dim, "image_dim": args.image_dim, "image_size": 32}, "shard_threads": threads}
 
     def save():
         if args.json:
@@ -529,7 +536,7 @@ def main(argv=None):
                 json.dump(result, f, indent=None, separators=(",", ":"), default=str)
 
     try:
-        text, image = make_encoders(work)
+        text, image = make_encoders(work, args.text_dim, args.image_dim)
         items = Items(max(args.sizes), 0)
         extra = list(args.extra)
         if args.image_pool and not any(x.startswith(("--min-recall", "--min_recall")) for x in extra):
@@ -557,7 +564,7 @@ def main(argv=None):
                 run["output_bytes"] = None
             summarise(run)
             result["runs"].append(run)
-            result["growth"] = growth(result["runs"], args.shards, threads, (args.dimension, 64, 48))
+            result["growth"] = growth(result["runs"], args.shards, threads, (args.dimension, args.text_dim, args.image_dim))
             save()
             st = run.get("shard_stage") or {}
             print(f"    rc {run['rc']}  wall {run['wall_s']:.1f}s  indexed {run.get('indexed')}  "
@@ -576,7 +583,7 @@ def main(argv=None):
         table(result)
     finally:
         if not args.keep:
-            for name in ("images", "encoders"):
+            for name in ["images"] + [n for n in os.listdir(work) if n.startswith("encoders")]:
                 shutil.rmtree(os.path.join(work, name), ignore_errors=True)
             if not args.workdir:
                 shutil.rmtree(work, ignore_errors=True)
@@ -589,7 +596,8 @@ if __name__ == "__main__":
         for r in saved["runs"]:
             summarise(r)
         a = saved["args"]
-        saved["growth"] = growth(saved["runs"], a["shards"], saved["shard_threads"], (a["dimension"], 64, 48))
+        saved["growth"] = growth(saved["runs"], a["shards"], saved["shard_threads"],
+                                 (a["dimension"], a.get("text_dim", 64), a.get("image_dim", 48)))
         with open(sys.argv[2], "w") as f:
             json.dump(saved, f, indent=None, separators=(",", ":"), default=str)
         table(saved)

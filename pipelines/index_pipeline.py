@@ -1,6 +1,6 @@
 """The index pipeline: catalog Parquet -> fused vectors -> sharded Annoy indexes, published atomically.
 
-    ReadCatalog | ValidateItems | DeduplicateItems | BatchItems | EncodeItems | FuseEmbeddings
+    ReadCatalog | ValidateItems | BatchItems | EncodeItems | FuseEmbeddings
                 | WriteAnnoyShards | PublishIndex
 
 The run holds the output root's lease (pipelines/lease.py) and writes into a new
@@ -307,12 +307,13 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     staging = plan.release_dir  # written straight into the new release folder; nothing names it yet
     rows = p | "ReadCatalog" >> tr.ReadCatalog(plan.catalog_files)
     valid = rows | "ValidateItems" >> tr.ValidateItems()
-    unique = valid["items"] | "DeduplicateItems" >> tr.DeduplicateItems()
     buckets = plan.encode_buckets(opts.batch_size)
     # Incremental runs: the previous version's rows join the items in their batches (pipelines/reuse.py).
     previous = p | "ReadPrevious" >> reuse.ReadPrevious(plan.reuse.embeddings) if plan.reuse is not None else None
     previous_parts = plan.reuse.embeddings if plan.reuse is not None else ()
-    batches = unique["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size, previous)
+    # One row per item_id (duplicates rejected) in deterministic batches.
+    batched = valid["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size, previous)
+    batches = batched["batches"]
     encoded = batches | "EncodeItems" >> tr.EncodeItems(
         plan.text_encoder.handle, plan.image_encoder.handle, plan.image_encoder.image_size, buckets,
         batch_size=opts.batch_size,
@@ -336,7 +337,7 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     query_sample = sample_inputs | "SampleQueryInputs" >> tr.SampleQueryInputs(image_options=image_options)
 
     rejected = (
-        (valid[tr.REJECTED], unique[tr.REJECTED], encoded[tr.REJECTED], fused[tr.REJECTED])
+        (valid[tr.REJECTED], batched[tr.REJECTED], encoded[tr.REJECTED], fused[tr.REJECTED])
         | "CollectRejected" >> beam.Flatten()
     )
     degraded = encoded[tr.DEGRADED]

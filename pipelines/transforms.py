@@ -1,6 +1,6 @@
 """The index pipeline's composite transforms.
 
-    ReadCatalog | ValidateItems | DeduplicateItems | BatchItems | EncodeItems | FuseEmbeddings
+    ReadCatalog | ValidateItems | BatchItems (one row per item_id) | EncodeItems | FuseEmbeddings
                 | WriteAnnoyShards
 
 Every row read leaves exactly one of two ways: as an indexed item in a shard,
@@ -208,7 +208,7 @@ class ReadCatalog(beam.PTransform):
 
 
 # ---------------------------------------------------------------------------
-# ValidateItems, DeduplicateItems
+# ValidateItems
 
 
 class _Validate(beam.DoFn):
@@ -235,31 +235,15 @@ class ValidateItems(beam.PTransform):
         return {"items": results.items, REJECTED: results[REJECTED]}
 
 
-def _pick_first(element):
-    item_id, rows = element
-    # The deterministic rule: the occurrence from the first source file (by
-    # path) at the lowest row number wins; the others are rejected.
+def _pick_first(rows):
+    """The rows of one item_id -> the one indexed, then a Rejection for each other.
+
+    The deterministic rule: the occurrence from the first source file (by path) at the
+    lowest row number wins; the others are rejected."""
     rows = sorted(rows, key=lambda r: (r.source, r.row))
     yield rows[0]
     for dup in rows[1:]:
-        yield beam.pvalue.TaggedOutput(
-            REJECTED,
-            reject(dup, rej.DUPLICATE_ITEM_ID,
-                   f"item_id also at {rows[0].source} row {rows[0].row}, which is indexed"),
-        )
-
-
-class DeduplicateItems(beam.PTransform):
-    """Keeps one row per item_id (first file by path, then lowest row); rejects the rest."""
-
-    def expand(self, items):
-        results = (
-            items
-            | "KeyById" >> beam.Map(lambda r: (r.item_id, r))
-            | "GroupById" >> beam.GroupByKey()
-            | "PickFirst" >> beam.FlatMap(_pick_first).with_outputs(REJECTED, main="items")
-        )
-        return {"items": results.items, REJECTED: results[REJECTED]}
+        yield reject(dup, rej.DUPLICATE_ITEM_ID, f"item_id also at {rows[0].source} row {rows[0].row}, which is indexed")
 
 
 # ---------------------------------------------------------------------------
@@ -273,9 +257,28 @@ class DeduplicateItems(beam.PTransform):
 # through both encoders, the join and the fusion.
 
 
+def _unique_rows(rows):
+    """A bucket's rows -> (its rows, one per item_id, by _pick_first's rule; the duplicates' Rejections).
+
+    Duplicates share an item_id, hence a bucket: deduplicating inside the bucket's group spares a
+    shuffle of every row by item_id."""
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r.item_id, []).append(r)
+    kept, duplicates = [], []
+    for same in by_id.values():
+        first, *others = _pick_first(same) if len(same) > 1 else same
+        kept.append(first)
+        duplicates.extend(others)
+    return kept, duplicates
+
+
 def _cut_batches(element, batch_size):
     bucket, rows = element
-    rows = sorted(rows, key=lambda r: r.item_id)
+    rows, duplicates = _unique_rows(rows)
+    for dup in duplicates:
+        yield beam.pvalue.TaggedOutput(REJECTED, dup)
+    rows.sort(key=lambda r: r.item_id)
     for start in range(0, len(rows), batch_size):
         yield bucket, rows[start:start + batch_size]
 
@@ -285,8 +288,23 @@ def _cut_batches_with_previous(element, batch_size):
     (the previous rows of items no longer in the catalog end here)."""
     bucket, joined = element
     previous = dict(joined["previous"])
-    for _, rows in _cut_batches((bucket, joined["rows"]), batch_size):
-        yield bucket, rows, {r.item_id: previous[r.item_id] for r in rows if r.item_id in previous}
+    for out in _cut_batches((bucket, joined["rows"]), batch_size):
+        if isinstance(out, beam.pvalue.TaggedOutput):
+            yield out
+        else:
+            _, rows = out
+            yield bucket, rows, {r.item_id: previous[r.item_id] for r in rows if r.item_id in previous}
+
+
+class _CutBatches(beam.DoFn):
+    """_cut_batches (or _cut_batches_with_previous) as a DoFn, for its tagged output of duplicates."""
+
+    def __init__(self, batch_size: int, with_previous: bool):
+        self._batch_size = batch_size
+        self._cut = _cut_batches_with_previous if with_previous else _cut_batches
+
+    def process(self, element):
+        yield from self._cut(element, self._batch_size)
 
 
 def batch_rows(batch) -> list:
@@ -300,7 +318,9 @@ def batch_previous(batch) -> dict:
 
 
 class BatchItems(beam.PTransform):
-    """CatalogRow -> (bucket, [CatalogRow]): deterministic batches of at most batch_size items.
+    """CatalogRow -> {"batches": (bucket, [CatalogRow]), "rejected": Rejection}: one row per item_id (the
+    first file by path, then the lowest row; the others rejected as duplicates), in deterministic
+    batches of at most batch_size items.
 
     With ``previous`` ((item_id, reuse.Previous) of a previous version, pipelines/reuse.py), each batch
     is (bucket, rows, {item_id: Previous}) for its items that have one. The batches are the same
@@ -314,20 +334,17 @@ class BatchItems(beam.PTransform):
         self._previous = previous
 
     def expand(self, items):
-        nb, size = self._num_buckets, self._batch_size
+        nb = self._num_buckets
         keyed = items | "KeyByBucket" >> beam.Map(lambda r: (shd.stable_shard(r.item_id, nb), r))
         if self._previous is None:
-            return (
-                keyed
-                | "GroupByBucket" >> beam.GroupByKey()
-                | "CutBatches" >> beam.FlatMap(_cut_batches, size)
-            )
-        previous = self._previous | "KeyPreviousByBucket" >> beam.Map(lambda kv: (shd.stable_shard(kv[0], nb), kv))
-        return (
-            {"rows": keyed, "previous": previous}
-            | "GroupByBucket" >> beam.CoGroupByKey()
-            | "CutBatches" >> beam.FlatMap(_cut_batches_with_previous, size)
-        )
+            grouped = keyed | "GroupByBucket" >> beam.GroupByKey()
+        else:
+            previous = self._previous | "KeyPreviousByBucket" >> beam.Map(
+                lambda kv: (shd.stable_shard(kv[0], nb), kv))
+            grouped = {"rows": keyed, "previous": previous} | "GroupByBucket" >> beam.CoGroupByKey()
+        cut = grouped | "CutBatches" >> beam.ParDo(
+            _CutBatches(self._batch_size, self._previous is not None)).with_outputs(REJECTED, main="batches")
+        return {"batches": cut.batches, REJECTED: cut[REJECTED]}
 
 
 class _Joined(NamedTuple):

@@ -97,15 +97,18 @@ def test_validate_items_routes_each_bad_row_with_its_reason():
             ("x", rej.NO_TITLE_OR_IMAGE), ("n", rej.NO_TITLE_OR_IMAGE)]), label="CheckRejected")
 
 
-def test_deduplicate_keeps_first_file_then_lowest_row():
+def test_batch_items_keeps_first_file_then_lowest_row_of_an_item_id():
     rows = [row("d", "late", source="b.parquet", n=0), row("d", "second", source="a.parquet", n=5),
-            row("d", "first", source="a.parquet", n=2), row("u", "unique")]
+            row("d", "first", source="a.parquet", n=2), row("u", "unique"),
+            row("e", "only in b", source="b.parquet", n=9), row("e", "in a", source="a.parquet", n=30)]
     with TestPipeline() as p:
-        out = p | beam.Create(rows) | tr.DeduplicateItems()
-        assert_that(out["items"] | beam.Map(lambda r: (r.item_id, r.title)),
-                    equal_to([("d", "first"), ("u", "unique")]), label="CheckKept")
-        assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.source, r.row, r.reason)),
-                    equal_to([("a.parquet", 5, rej.DUPLICATE_ITEM_ID), ("b.parquet", 0, rej.DUPLICATE_ITEM_ID)]),
+        out = p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2)
+        assert_that(out["batches"] | beam.FlatMap(lambda b: [(r.item_id, r.title) for r in b[1]]),
+                    equal_to([("d", "first"), ("u", "unique"), ("e", "in a")]), label="CheckKept")
+        assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.source, r.row, r.reason, r.message)),
+                    equal_to([("d", "a.parquet", 5, rej.DUPLICATE_ITEM_ID, "item_id also at a.parquet row 2, which is indexed"),
+                              ("d", "b.parquet", 0, rej.DUPLICATE_ITEM_ID, "item_id also at a.parquet row 2, which is indexed"),
+                              ("e", "b.parquet", 9, rej.DUPLICATE_ITEM_ID, "item_id also at a.parquet row 30, which is indexed")]),
                     label="CheckDuplicates")
 
 
@@ -126,7 +129,7 @@ def test_batch_items_cuts_sorted_batches_per_bucket():
         assert len(batches) == sum(-(-n // 4) for n in per_bucket.values())
 
     with TestPipeline() as p:
-        batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=4)
+        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=4))["batches"]
         assert_that(batches, check, label="CheckBatches")
 
 
@@ -150,7 +153,7 @@ def test_encode_items_degrades_or_rejects_bad_images(tmp_path, tiny_encoders):
 
     for reject_on_error in (False, True):
         with TestPipeline() as p:
-            batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2)
+            batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2))["batches"]
             out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=2,
                                            reject_on_image_error=reject_on_error)
             expected = [("text-only", (64,), None), ("both", (64,), (48,)), ("image-only", None, (48,))]
@@ -236,7 +239,7 @@ def test_identical_texts_are_encoded_once(tiny_encoders):
     text, image = tiny_encoders
     rows = [row(f"v{k}", "blue jeans, slim fit", description="cotton") for k in range(6)] + [row("other", "red hat")]
     p = TestPipeline()
-    batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=2)
+    batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=2))["batches"]
     out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=3, batch_size=2)
     assert_that(out["items"] | beam.FlatMap(lambda b: [(it.row.item_id, it.text_embedding.tobytes()) for it in b])
                 | beam.Map(lambda kv: ("other" if kv[0] == "other" else "variant", kv[1]))
@@ -268,7 +271,7 @@ def test_encoder_failures_reject_the_batch_items(tmp_path, tiny_encoders):
     text = _failing_text_encoder(str(tmp_path / "failing"))
     rows = [row("good", "plain title"), row("bad", "boom goes the title")]
     with TestPipeline() as p:
-        batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=1)
+        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=1))["batches"]
         out = batches | tr.EncodeItems(text, tiny_encoders[1], (32, 32), num_buckets=1, batch_size=1)
         assert_that(out["items"] | beam.FlatMap(lambda b: [it.row.item_id for it in b]), equal_to(["good"]),
                     label="CheckEncoded")
@@ -303,7 +306,7 @@ def test_image_encoder_failure_rejects_that_batch_only_and_keeps_its_batch_mates
             row("c-text", "text only"), row("d-white", None, image_uri=white)]
     with TestPipeline() as p:
         # One bucket, batches of 2 in item_id order: [a-dark, b-white] fails, [c-text, d-white] fails.
-        batches = p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=2)
+        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=2))["batches"]
         out = batches | tr.EncodeItems(tiny_encoders[0], image, (32, 32), num_buckets=1, batch_size=2)
         assert_that(out["items"] | beam.FlatMap(lambda b: [(it.row.item_id, it.image_embedding is None)
                                                            for it in b]),
