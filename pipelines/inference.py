@@ -7,7 +7,7 @@ process, or per machine with ``--large-model``), batching and metrics.
 
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from apache_beam.metrics import Metrics
@@ -37,6 +37,10 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
         self._batch_size = Metrics.distribution(METRICS_NAMESPACE, f"{kind}_encoder_batch_size")
         self._latency = Metrics.distribution(METRICS_NAMESPACE, f"{kind}_encoder_latency_ms")
 
+    @property
+    def kind(self) -> str:
+        return self._kind
+
     def load_model(self) -> Encoder:
         start = time.perf_counter()
         encoder = Encoder(self._handle, self._kind, self._image_size, self._model_cache)
@@ -65,12 +69,22 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
         return f"{METRICS_NAMESPACE}.{self._kind}_encoder"
 
 
+class BatchFailure(NamedTuple):
+    """What WholeBatches gives back for a batch the encoder raised on."""
+
+    error: BaseException
+
+
 class WholeBatches(ModelHandler[Sequence[Any], list, Encoder]):
     """A handler whose example is a whole prepared batch: one list of inputs in, one list of vectors out.
 
     Wrapped in ``KeyedModelHandler(...).with_no_batching()``, RunInference then takes one element
     ``[(key, inputs)]`` per batch and gives back ``(key, vectors)``: the key (the batch's own record)
-    travels with its vectors through the encoder, so what follows needs no join by item id.
+    travels with its vectors through the encoder, so what follows needs no join by item id. An empty
+    batch gives ``[]`` without calling the encoder. A batch the encoder raises on gives
+    ``BatchFailure(error)`` in place of its vectors, on the main output: RunInference's dead letter is a
+    second output, and merging it back (a Flatten) makes Beam's local runner hold every batch's
+    vectors in memory until all are encoded. Anything else (the model failing to load) still fails the run.
     """
 
     def __init__(self, handler: EncoderModelHandler):
@@ -80,8 +94,17 @@ class WholeBatches(ModelHandler[Sequence[Any], list, Encoder]):
     def load_model(self) -> Encoder:
         return self._handler.load_model()
 
+    def _encode(self, inputs, model, inference_args):
+        if not inputs:
+            return []
+        try:
+            return self._handler.run_inference(inputs, model, inference_args)
+        except Exception as e:  # one batch's failure rejects that batch's items, not the run
+            _log.warning("%s encoder failed on a batch of %d: %s", self._handler.kind, len(inputs), e)
+            return BatchFailure(e)
+
     def run_inference(self, batch: Sequence[Sequence[Any]], model: Encoder, inference_args=None) -> Iterable[list]:
-        return [self._handler.run_inference(inputs, model, inference_args) for inputs in batch]
+        return [self._encode(inputs, model, inference_args) for inputs in batch]
 
     def get_num_bytes(self, batch) -> int:
         return sum(self._handler.get_num_bytes(inputs) for inputs in batch)

@@ -384,14 +384,13 @@ class _LoadImages(beam.DoFn):
     """_Joined -> its images fetched and decoded, in a small thread pool (fetches wait on the network or
     GCS; Pillow releases the GIL while it decodes).
 
-    Outputs: ENCODE, [(_Images, [float32 [h, w, 3]])], one element for RunInference, when the batch has
-    images to encode; else the main output, (_Images, [], None), straight to _Assemble. IMAGES: the
-    arrays [(item_id, array)] for SampleQueryInputs. Images fetched and found unchanged since the
+    Outputs: [(_Images, [float32 [h, w, 3]])], one element per batch for RunInference (its key the
+    batch's record, its example the arrays; possibly none); IMAGES: the arrays [(item_id, array)] for
+    SampleQueryInputs. Images fetched and found unchanged since the
     previous version (pipelines/reuse.py) are not decoded; images whose (image_uri, image_version) match
     are not even fetched: _Assemble applies the same rule to the batch.
     """
 
-    ENCODE = "encode"
     THREADS = 8
 
     def __init__(self, size, max_pixels, fetch_options=None):
@@ -452,14 +451,13 @@ class _LoadImages(beam.DoFn):
                 ids.append(row.item_id)
                 arrays.append(array)
                 keys[row.item_id] = sha
-        loaded = _Images(batch, tuple(ids), keys, reused, failed)
-        if not arrays:
-            yield loaded, [], None
-            return
-        self._loaded.inc(len(arrays))
-        progress.add(progress.IMAGES_LOADED, len(arrays))
-        yield beam.pvalue.TaggedOutput(IMAGES, list(zip(ids, arrays)))
-        yield beam.pvalue.TaggedOutput(self.ENCODE, [(loaded, arrays)])
+        if arrays:
+            self._loaded.inc(len(arrays))
+            progress.add(progress.IMAGES_LOADED, len(arrays))
+            yield beam.pvalue.TaggedOutput(IMAGES, list(zip(ids, arrays)))
+        # Every batch goes through the encoder step (an empty one is not encoded): a second path around
+        # it would need a Flatten, which the local runner materialises.
+        yield [(_Images(batch, tuple(ids), keys, reused, failed), arrays)]
 
 
 def text_key(text: str) -> str:
@@ -592,24 +590,10 @@ def _failed_batch(element):
         yield key, (rej.ENCODER_FAILED, message)
 
 
-def _encoded_images(element):
-    """RunInference's output (_Images, [image vector]) -> _Assemble's input."""
-    loaded, vectors = element
-    return loaded, list(vectors), None
-
-
-def _failed_images(element):
-    """RunInference's dead letter ([(_Images, arrays)], exception) -> _Assemble's input, the batch's
-    loaded images marked failed."""
-    batch, exc = element
-    for loaded, arrays in batch:
-        yield loaded, [], f"encoder failed on a batch of {len(arrays)}: {_failure_text(exc)}"
-
-
 class _Assemble(beam.DoFn):
     """Puts one batch's items together with their vectors and failures.
 
-    Input: (_Images, image vectors in _Images.ids order, the image encoder's failure or None).
+    Input: (_Images, image vectors in _Images.ids order, or inference.BatchFailure).
     Decides per item: indexed, indexed but degraded (image failed, title present),
     or rejected. Yields the batch's EncodedItems as one list. In an incremental
     run, items whose every vector is reused (and that have the vectors their previous rows
@@ -623,12 +607,14 @@ class _Assemble(beam.DoFn):
         self._carried = progress.counter(progress.ITEMS_CARRIED)
 
     def process(self, element):
-        loaded, vectors, image_failure = element
+        loaded, vectors = element
         batch = loaded.batch
-        image = dict(zip(loaded.ids, vectors))
         encode_failed = dict(batch.text_failed)
-        if image_failure is not None:
-            encode_failed.update((item_id, (rej.ENCODER_FAILED, image_failure)) for item_id in loaded.ids)
+        if isinstance(vectors, inference.BatchFailure):
+            message = f"encoder failed on a batch of {len(loaded.ids)}: {_failure_text(vectors.error)}"
+            encode_failed.update((item_id, (rej.ENCODER_FAILED, message)) for item_id in loaded.ids)
+            vectors = []
+        image = dict(zip(loaded.ids, vectors))
         text_keys, previous, text = batch.text_keys, batch.previous, batch.text
         out, carried = [], []
         for row in batch.rows:
@@ -771,15 +757,10 @@ class EncodeItems(beam.PTransform):
             | "SplitBatches" >> beam.FlatMap(_split_joined)
         )
         loaded = joined | "LoadImages" >> beam.ParDo(
-            _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(
-            _LoadImages.ENCODE, IMAGES, main="no_images")
-        vectors, dlq = loaded[_LoadImages.ENCODE] | "EncodeImages" >> RunInference(
-            self._image).with_exception_handling()
+            _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(IMAGES, main="batches")
         assembled = (
-            (loaded.no_images,
-             vectors | "ListImageVectors" >> beam.Map(_encoded_images),
-             dlq.failed_inferences | "MarkFailedImages" >> beam.FlatMap(_failed_images))
-            | "FlattenImageBatches" >> beam.Flatten()
+            loaded.batches
+            | "EncodeImages" >> RunInference(self._image)
             | "AssembleItems" >> beam.ParDo(_Assemble(self._reject_on_image_error)).with_outputs(
                 REJECTED, DEGRADED, CARRIED, PARTIAL, main="items")
         )

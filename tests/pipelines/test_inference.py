@@ -35,3 +35,17 @@ def test_whole_batches_encodes_each_example_as_one_batch(tiny_encoders):
     np.testing.assert_array_equal(np.stack(out[1]), model.encode(np.stack(second)))
     assert handler.get_num_bytes([first, second]) == 4 * 32 * 32 * 3 * 4
     assert handler.get_metrics_namespace() == inner.get_metrics_namespace()
+
+
+def test_whole_batches_gives_empty_batches_nothing_and_a_failing_batch_its_failure(tiny_encoders):
+    """An empty batch is not encoded; a batch the encoder raises on comes back as BatchFailure in its
+    place, the other batches of the same call encoded as usual."""
+    inner = inference.EncoderModelHandler(tiny_encoders[1], enc.IMAGE, image_size=(32, 32))
+    handler = inference.WholeBatches(inner)
+    model = handler.load_model()
+    good = [np.full((32, 32, 3), 0.5, np.float32)]
+    wrong_shape = [np.zeros((7, 7, 3), np.float32)]
+    out = handler.run_inference([[], wrong_shape, good], model)
+    assert out[0] == []
+    assert isinstance(out[1], inference.BatchFailure) and isinstance(out[1].error, Exception)
+    np.testing.assert_array_equal(np.stack(out[2]), model.encode(np.stack(good)))
