@@ -1,14 +1,15 @@
 """Will a local run fit in this machine's memory? An estimate before any work, not a kill by the kernel.
 
-The local runners hold every shuffle in memory, and the index pipeline's
-shuffles carry the items' vectors (encoded, fused). Peak memory therefore grows
-with the item count times the vector sizes. The model: a fixed base for
-TensorFlow and the encoders, plus per item an overhead and three copies of its
-text, image and fused vectors in float32. Measured (`catalog-index index`, tiny
-64/48-d encoders, 256-d, 16 shards, 10k and 100k items; benchmarks/README.md,
-"Flat memory"): 44.8 KiB per item while the query sample held every image's
-pixels, 9.5 KiB per item since it keeps only its picks (vectors included). The
-overhead below leaves room above that: the estimate is meant to refuse what
+The local runners hold every shuffle in memory. Since the encode stage was reworked (issue 9),
+image vectors and pixels go through no shuffle (each batch runs from its images to its staging files
+in one fused chain) and fused vectors go to staging files; what still grows with the catalog is the
+rows in the batching shuffle and the text vectors joined back to their batches (several copies of
+each in the runner's buffers). The model: a fixed base for TensorFlow and the encoders, plus per item
+an overhead, TEXT_COPIES copies of its text vector, a fraction of its image vector (the shards built
+at once) and one copy of its fused vector, in float32. Measured (`benchmarks/bench_memory.py`, 100k
+items, 16 shards, 256-d, tiny encoders; benchmarks/README.md, "Encode stage without image vectors in
+shuffles"): 5.9 KiB per item above the start at 64/48-d, 12.8 KiB at the built-in 384/1,280-d. The
+constants below leave room above both (8.3 and 17.0 KiB): the estimate is meant to refuse what
 cannot fit, not to predict the peak to the megabyte.
 
 Dataflow and other distributed runners spill shuffles to disk: no check there.
@@ -19,8 +20,10 @@ from typing import NamedTuple, Optional
 from schemas.errors import ConfigError
 
 BASE_BYTES = 2 * 1024 ** 3  # TensorFlow, two encoders, Beam
-PER_ITEM_OVERHEAD = 12 * 1024  # measured 9.5 KiB per item in all, tiny vectors included
-VECTOR_COPIES = 3
+PER_ITEM_OVERHEAD = 6 * 1024  # rows, keys and the runner's bookkeeping
+TEXT_COPIES = 5  # the text vectors' join: measured ~4.5 copies
+IMAGE_COPIES = 0.5  # no shuffle; the shards being built and Parquet's buffers
+FUSED_COPIES = 1
 HEADROOM = 0.9  # of the memory available when the run starts
 
 
@@ -53,8 +56,8 @@ def available_bytes() -> Optional[int]:
 
 
 def estimate(rows: int, text_dim: int, image_dim: int, dim: int, available: Optional[int] = None) -> Estimate:
-    per_item = PER_ITEM_OVERHEAD + VECTOR_COPIES * 4 * (text_dim + image_dim + dim)
-    return Estimate(rows, BASE_BYTES + rows * per_item, available)
+    per_item = PER_ITEM_OVERHEAD + 4 * (TEXT_COPIES * text_dim + IMAGE_COPIES * image_dim + FUSED_COPIES * dim)
+    return Estimate(rows, BASE_BYTES + int(rows * per_item), available)
 
 
 def check_local_memory(rows: int, text_dim: int, image_dim: int, dim: int, runner,

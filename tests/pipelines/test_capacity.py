@@ -9,18 +9,20 @@ GIB = 1024 ** 3
 
 
 def test_the_estimate_worked_by_hand():
-    # 1M items of the built-in sizes: 2 GiB + 1e6 x (12,288 + 3 x 4 x (384 + 1280 + 256)) bytes
+    # 1M items of the built-in sizes: 2 GiB + 1e6 x (6,144 + 4 x (5 x 384 + 1280 / 2 + 256)) bytes
     got = capacity.estimate(1_000_000, 384, 1280, 256)
-    assert got.bytes_needed == 2 * GIB + 1_000_000 * (12 * 1024 + 12 * 1920)
-    assert round(got.bytes_needed / GIB, 1) == 34.9
+    assert got.bytes_needed == 2 * GIB + 1_000_000 * (6144 + 4 * (1920 + 640 + 256)) == 2 * GIB + 17_408_000_000
+    assert round(got.bytes_needed / GIB, 1) == 18.2
+    # 100k items of the tiny encoders' sizes: 2 GiB + 1e5 x (6,144 + 4 x (5 x 64 + 48 / 2 + 256))
+    assert capacity.estimate(100_000, 64, 48, 256).bytes_needed == 2 * GIB + 100_000 * (6144 + 4 * 600)
 
 
 def test_a_catalog_too_big_for_the_machine_is_refused_with_the_figures():
-    with pytest.raises(ConfigError, match=r"1000000 catalog rows .* need about 34.9 GiB .* but 20.0 GiB are "
+    with pytest.raises(ConfigError, match=r"1000000 catalog rows .* need about 18.2 GiB .* but 20.0 GiB are "
                                           r"available; run on Dataflow"):
         capacity.check_local_memory(1_000_000, 384, 1280, 256, None, available=20 * GIB)
     fits = capacity.check_local_memory(100_000, 384, 1280, 256, "DirectRunner", available=20 * GIB)
-    assert fits is not None and fits.fits  # 100k: about 5.3 GiB
+    assert fits is not None and fits.fits  # 100k: about 3.6 GiB
 
 
 def test_distributed_runners_and_unknown_memory_are_not_refused():
