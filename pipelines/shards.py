@@ -279,6 +279,11 @@ def staging_dir(version_dir: str) -> str:
     return files.join(version_dir, STAGING_DIR)
 
 
+def text_staging_dir(version_dir: str) -> str:
+    """Where the index pipeline's encoded text vectors wait for their batches (transforms._StageTextVectors)."""
+    return files.join(staging_dir(version_dir), "text")
+
+
 def shard_staging_dir(version_dir: str, index: int) -> str:
     return files.join(staging_dir(version_dir), f"shard-{index:05d}")
 

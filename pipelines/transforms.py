@@ -373,7 +373,7 @@ def _split_joined(element):
     """(bucket, {batch, text, text_failed}) -> one _Joined per batch of the bucket, each item given the
     vector (or failure) of its text when the text was encoded in this run (reused ones were not)."""
     _, joined = element
-    text, failed = dict(joined["text"]), dict(joined["text_failed"])  # by text key
+    text, failed = read_text_refs(joined["text"]), dict(joined["text_failed"])  # by text key
     for rows, keys, previous in sorted(joined["batch"], key=lambda b: b[0][0].item_id):
         encoded = {i: k for i, k in keys.items() if not reuse.text_unchanged(previous.get(i), k)}
         yield _Joined(rows, keys, previous, {i: text[k] for i, k in encoded.items() if k in text},
@@ -513,11 +513,86 @@ def _cut_text_batches(element, batch_size):
         yield texts[start:start + batch_size]
 
 
-def _send_text_vector(element):
-    """((text key, buckets), vector) -> (bucket, (text key, vector)) for each bucket that needs it."""
-    (key, buckets), vector = element
-    for bucket in buckets:
-        yield bucket, (key, vector)
+STAGE_TEXT_BYTES = 32 << 20  # text vectors held per worker before they go to a staging file
+
+
+class TextRef(NamedTuple):
+    """Where one bucket's text vectors from one staging file are: rows start..start+len(keys) of a raw
+    little-endian float32 [rows, dim] file, in the order of ``keys`` (their texts' sha256)."""
+
+    path: str
+    start: int
+    dim: int
+    keys: tuple
+
+
+class _StageTextVectors(beam.DoFn):
+    """((text key, buckets), vector) -> text vectors in staging files; (bucket, TextRef) out.
+
+    Vectors wait per bundle until about ``max_bytes`` are held (or the bundle ends); then one file
+    ``<release>/_staging/text/<uuid>.f32`` holds them sorted by bucket, one row per bucket that needs
+    the text, and each bucket gets one TextRef. Only these references go through the join with the
+    batches: the local runner, which holds a shuffle in memory, kept ~4.5 copies of every text vector
+    when the vectors went through it. A retried bundle leaves a file nothing names; the staging
+    folder goes once every shard is written.
+    """
+
+    def __init__(self, version_dir: str, max_bytes: Optional[int] = None):
+        self._dir = shd.text_staging_dir(version_dir)
+        self._max_bytes = STAGE_TEXT_BYTES if max_bytes is None else max_bytes
+        self._held, self._bytes = [], 0
+
+    def start_bundle(self):
+        self._held, self._bytes = [], 0
+
+    def process(self, element):
+        (key, buckets), vector = element
+        for bucket in buckets:
+            self._held.append((bucket, key, vector))
+        self._bytes += vector.nbytes * len(buckets)
+        if self._bytes >= self._max_bytes:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        for element in self._flush():
+            yield GlobalWindows.windowed_value(element)
+
+    def _flush(self):
+        import uuid
+
+        held, self._held, self._bytes = self._held, [], 0
+        if not held:
+            return
+        held.sort(key=lambda h: (h[0], h[1]))
+        matrix = np.ascontiguousarray(np.stack([h[2] for h in held]), dtype="<f4")
+        path = files.join(self._dir, f"{uuid.uuid4().hex}.f32")
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(matrix.tobytes())
+        start = 0
+        while start < len(held):
+            bucket, end = held[start][0], start
+            while end < len(held) and held[end][0] == bucket:
+                end += 1
+            yield bucket, TextRef(path, start, matrix.shape[1], tuple(h[1] for h in held[start:end]))
+            start = end
+
+
+def read_text_refs(refs) -> dict:
+    """{text key: float32 vector} from a bucket's TextRefs (one ranged read per reference)."""
+    vectors = {}
+    for ref in refs:
+        size = len(ref.keys) * ref.dim * 4
+        with FileSystems.open(ref.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.seek(ref.start * ref.dim * 4)
+            data = f.read(size)
+        if len(data) != size:
+            raise CatalogIndexError(f"text vector staging file {ref.path} is short: {len(data)} of {size} bytes "
+                                    f"at row {ref.start}")
+        matrix = np.frombuffer(data, "<f4").reshape(len(ref.keys), ref.dim).astype(np.float32)
+        vectors.update(zip(ref.keys, matrix))
+    return vectors
 
 
 def _send_text_failures(element):
@@ -540,18 +615,20 @@ class _EncodeTexts(beam.PTransform):
     Catalogs repeat texts (variants sharing a title and description; the
     Grocery train split has 81 distinct texts for 2,640 items), and the text
     encoder costs as much as the image encoder, so identical texts are grouped
-    by sha256 and encoded once; each vector then goes once to each bucket with an
-    item that has the text. Outputs {"vectors": (bucket, (text key, vector)), FAILED:
+    by sha256 and encoded once; each vector then goes to a staging file under
+    ``version_dir`` once for each bucket with an item that has the text
+    (_StageTextVectors). Outputs {"vectors": (bucket, TextRef), FAILED:
     (bucket, (text key, (reason, message)))}; reused texts never reach the encoder.
     """
 
     FAILED = "failed"
 
-    def __init__(self, handler, num_buckets, batch_size):
+    def __init__(self, handler, num_buckets, batch_size, version_dir):
         super().__init__()
         self._handler = handler
         self._num_buckets = num_buckets
         self._batch_size = batch_size
+        self._version_dir = version_dir
 
     def expand(self, batches):
         nb = self._num_buckets
@@ -564,7 +641,7 @@ class _EncodeTexts(beam.PTransform):
             | "CutTextBatches" >> beam.FlatMap(_cut_text_batches, self._batch_size)
         )
         vectors, dlq = unique_batches | "RunTextEncoder" >> RunInference(self._handler).with_exception_handling()
-        return {"vectors": vectors | "SendTextVectors" >> beam.FlatMap(_send_text_vector),
+        return {"vectors": vectors | "StageTextVectors" >> beam.ParDo(_StageTextVectors(self._version_dir)),
                 self.FAILED: dlq.failed_inferences | "SendTextFailures" >> beam.FlatMap(_send_text_failures)}
 
 
@@ -724,8 +801,9 @@ class EncodeItems(beam.PTransform):
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, reject_on_image_error: bool = False,
                  large_model: bool = False, model_cache: Optional[str] = None,
                  image_timeout: float = images.DEFAULT_TIMEOUT_S, allow_private_hosts: bool = False,
-                 image_root: Optional[str] = None, previous_parts=()):
+                 image_root: Optional[str] = None, previous_parts=(), *, staging_dir: str):
         super().__init__()
+        self._staging_dir = staging_dir  # the release folder: text vectors wait in its _staging/text/
         self._previous_parts = tuple(previous_parts)
         self._fetch_options = {"timeout": image_timeout, "allow_private_hosts": allow_private_hosts,
                                "image_root": image_root}
@@ -743,7 +821,8 @@ class EncodeItems(beam.PTransform):
         self._reject_on_image_error = reject_on_image_error
 
     def expand(self, batches):
-        texts = batches | "EncodeTexts" >> _EncodeTexts(self._text, self._num_buckets, self._batch_size)
+        texts = batches | "EncodeTexts" >> _EncodeTexts(self._text, self._num_buckets, self._batch_size,
+                                                              self._staging_dir)
         # The join needs ids, titles and provenance, not the descriptions nor the previous vectors: leave
         # them behind, keeping each text's sha256 (the embeddings table's text_sha256).
         slim = batches | "DropDescriptions" >> beam.Map(_slim_batch)

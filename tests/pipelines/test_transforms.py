@@ -155,7 +155,7 @@ def test_encode_items_degrades_or_rejects_bad_images(tmp_path, tiny_encoders):
         with TestPipeline() as p:
             batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2))["batches"]
             out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=2,
-                                           reject_on_image_error=reject_on_error)
+                                           reject_on_image_error=reject_on_error, staging_dir=str(tmp_path))
             expected = [("text-only", (64,), None), ("both", (64,), (48,)), ("image-only", None, (48,))]
             rejected = [("bad-image-no-title", rej.IMAGE_FETCH_FAILED)]
             degraded = [("bad-image", rej.IMAGE_DECODE_FAILED)]
@@ -233,14 +233,14 @@ def test_shards_build_side_by_side_and_the_files_do_not_depend_on_the_thread_cou
         assert_that(infos | beam.Map(lambda s: s.index), equal_to([0, 1]))
 
 
-def test_identical_texts_are_encoded_once(tiny_encoders):
+def test_identical_texts_are_encoded_once(tmp_path, tiny_encoders):
     from apache_beam.metrics.metric import MetricsFilter
 
     text, image = tiny_encoders
     rows = [row(f"v{k}", "blue jeans, slim fit", description="cotton") for k in range(6)] + [row("other", "red hat")]
     p = TestPipeline()
     batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=2))["batches"]
-    out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=3, batch_size=2)
+    out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=3, batch_size=2, staging_dir=str(tmp_path))
     assert_that(out["items"] | beam.FlatMap(lambda b: [(it.row.item_id, it.text_embedding.tobytes()) for it in b])
                 | beam.Map(lambda kv: ("other" if kv[0] == "other" else "variant", kv[1]))
                 | beam.Distinct() | beam.Map(lambda kv: kv[0]),
@@ -249,6 +249,27 @@ def test_identical_texts_are_encoded_once(tiny_encoders):
     result.wait_until_finish()
     sizes = result.metrics().query(MetricsFilter().with_name("text_encoder_batch_size"))["distributions"]
     assert sum(d.committed.sum for d in sizes) == 2  # two distinct texts reached the encoder
+
+
+def test_text_vectors_go_through_staging_files_bit_for_bit_and_only_references_come_out(tmp_path):
+    """_StageTextVectors: each bucket gets a TextRef per file it has rows in (small max_bytes: several
+    files), and read_text_refs gives every (bucket, text key) its exact vector back."""
+    rng = np.random.default_rng(5)
+    texts = {f"k{n:02d}": (tuple(sorted({int(b) for b in rng.integers(0, 4, size=1 + n % 3)})),
+                           rng.normal(size=6).astype(np.float32)) for n in range(20)}
+    elements = [((key, buckets), vector) for key, (buckets, vector) in texts.items()]
+    with TestPipeline() as p:
+        refs = (p | beam.Create(elements)
+                | beam.ParDo(tr._StageTextVectors(str(tmp_path), max_bytes=6 * 4 * 5)))
+        checked = refs | beam.Map(lambda kv: (isinstance(kv[1], tr.TextRef), kv[1].dim))
+        assert_that(checked | beam.Distinct(), equal_to([(True, 6)]), label="OnlyReferences")
+        got = (refs | beam.GroupByKey()
+               | beam.FlatMap(lambda kv: [(kv[0], key, vector.tobytes())
+                                          for key, vector in tr.read_text_refs(kv[1]).items()]))
+        expected = [(b, key, vector.tobytes()) for key, (buckets, vector) in texts.items() for b in buckets]
+        assert_that(got, equal_to(expected), label="EveryVectorBack")
+    staged = list((tmp_path / "_staging" / "text").iterdir())
+    assert len(staged) > 1 and all(f.suffix == ".f32" for f in staged)
 
 
 def _failing_text_encoder(path):
@@ -272,7 +293,8 @@ def test_encoder_failures_reject_the_batch_items(tmp_path, tiny_encoders):
     rows = [row("good", "plain title"), row("bad", "boom goes the title")]
     with TestPipeline() as p:
         batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=1))["batches"]
-        out = batches | tr.EncodeItems(text, tiny_encoders[1], (32, 32), num_buckets=1, batch_size=1)
+        out = batches | tr.EncodeItems(text, tiny_encoders[1], (32, 32), num_buckets=1, batch_size=1,
+                                       staging_dir=str(tmp_path))
         assert_that(out["items"] | beam.FlatMap(lambda b: [it.row.item_id for it in b]), equal_to(["good"]),
                     label="CheckEncoded")
         assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.reason, r.message)),
@@ -307,7 +329,8 @@ def test_image_encoder_failure_rejects_that_batch_only_and_keeps_its_batch_mates
     with TestPipeline() as p:
         # One bucket, batches of 2 in item_id order: [a-dark, b-white] fails, [c-text, d-white] fails.
         batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=2))["batches"]
-        out = batches | tr.EncodeItems(tiny_encoders[0], image, (32, 32), num_buckets=1, batch_size=2)
+        out = batches | tr.EncodeItems(tiny_encoders[0], image, (32, 32), num_buckets=1, batch_size=2,
+                                       staging_dir=str(tmp_path))
         assert_that(out["items"] | beam.FlatMap(lambda b: [(it.row.item_id, it.image_embedding is None)
                                                            for it in b]),
                     equal_to([("c-text", True)]), label="CheckEncoded")
