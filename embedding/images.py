@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import posixpath
+import queue
 import re
 import socket
 import ssl
@@ -250,8 +251,41 @@ def _read_bounded(read, max_bytes, uri, deadline=None):
     return b"".join(chunks)
 
 
+class _DaemonWorkers:
+    """Daemon threads that run submitted calls, started only when none is idle, and kept.
+
+    Starting a thread per read cost about as much as reading and hashing a small local image (an
+    incremental run fetches every image to compare its bytes). concurrent.futures' pool is no
+    substitute: its threads are joined at interpreter exit, so one read stuck on a hung mount would
+    keep the process from ending. Workers busy with abandoned reads are not idle; new ones start.
+    """
+
+    def __init__(self):
+        self._tasks = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, fn):
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        if start:
+            threading.Thread(target=self._work, name="image-fetch", daemon=True).start()
+        self._tasks.put(fn)
+
+    def _work(self):
+        while True:
+            self._tasks.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_workers = _DaemonWorkers()
+
+
 def _run_with_deadline(fn, deadline):
-    """Returns ``fn()``, run on a daemon thread; raises TimeoutError at the deadline.
+    """Returns ``fn()``, run on a daemon worker thread; raises TimeoutError at the deadline.
 
     For blocking calls that take no timeout and cannot be interrupted from
     Python: getaddrinfo, a stat on a hung network mount, a cloud storage
@@ -278,7 +312,7 @@ def _run_with_deadline(fn, deadline):
                     _abandoned_reads -= 1
             done.set()
 
-    threading.Thread(target=target, name="image-fetch", daemon=True).start()
+    _workers.submit(target)
     done.wait(max(0.0, deadline - time.monotonic()))
     with _abandoned_lock:
         # Decided under the lock, so a thread finishing right now is either

@@ -796,3 +796,30 @@ def test_object_store_image_with_another_root_is_refused(store, tmp_path):
         with pytest.raises(ImageFetchError) as info:
             fetch_image_bytes(f"{STORE}://bucket/images/a.png", timeout=2, image_root=root)
         assert "outside the image root" in refused(info)
+
+
+def _fetch_threads():
+    return [t for t in threading.enumerate() if t.name == "image-fetch"]
+
+
+def test_reads_reuse_their_worker_threads_and_a_stuck_read_does_not_hold_up_the_next(store, monkeypatch, tmp_path):
+    """Deadline reads run on kept daemon workers (a new thread per read cost ~5x the read itself): many
+    reads in a row start no new thread, and a read stuck past its deadline keeps its worker while the
+    next read gets another one."""
+    _, gate = store
+    wait_for_abandoned_reads(0)
+    local = tmp_path / "local.png"
+    local.write_bytes(PNG)
+    assert fetch_image_bytes(str(local), timeout=2) == PNG
+    ran_on = [images._run_with_deadline(threading.current_thread, time.monotonic() + 2) for _ in range(50)]
+    assert len({id(t) for t in ran_on}) == 1 and ran_on[0].name == "image-fetch"
+    for _ in range(50):
+        assert fetch_image_bytes(str(local), timeout=2) == PNG
+    assert all(t.daemon for t in _fetch_threads())  # a stuck one never blocks the interpreter's exit
+    monkeypatch.setattr(_StoreFileSystem, "gate", gate)
+    with within(1.5), pytest.raises(ImageFetchError):
+        fetch_image_bytes(f"{STORE}://bucket/images/a.png", timeout=0.5)
+    with within(0.5):
+        assert fetch_image_bytes(str(local), timeout=2) == PNG
+    gate.set()
+    wait_for_abandoned_reads(0)
