@@ -5,6 +5,7 @@
     catalog-index train    --clicks GLOB --index DIR --output MODELS_DIR [...] [Beam flags]
     catalog-index models   {list,build,export --to DIR_OR_GS}
     catalog-index verify   --index DIR [--version V]
+    catalog-index rollback --index DIR --to V
     catalog-index gc       --output DIR [--keep N] [--older-than DAYS] [--dry-run]
     catalog-index sample   --output DIR   (a generated catalog and tiny encoders)
     catalog-index query    --index DIR (--text Q | --image PATH | --queries FILE) [--k 10]
@@ -22,12 +23,13 @@ import os
 import re
 import sys
 
-USAGE = """usage: catalog-index {index,backfill,train,verify,gc,models,sample,query,serve,deploy} [options]
+USAGE = """usage: catalog-index {index,backfill,train,verify,rollback,gc,models,sample,query,serve,deploy} [options]
 
   index      build and publish one index version from a catalog
   backfill   build one version per date from a dated catalog pattern
   train      refit the fusion on logged clicks (text and photo searches); index with --fusion-model
   verify     check a published version against its manifest (every file's sha256)
+  rollback   point LATEST back at an earlier published version (verified first)
   gc         remove abandoned and replaced releases, and old versions
   models     list, build or export the built-in pretrained encoders
   sample     write a generated sample catalog and tiny encoders (no network)
@@ -246,6 +248,39 @@ def _verify(argv):
     return 0
 
 
+def _rollback(argv):
+    import uuid
+
+    from pipelines import flags
+    from pipelines import lease
+    from pipelines import publication
+
+    parser = flags.ArgumentParser(
+        prog="catalog-index rollback",
+        description="Point LATEST back at an earlier published version, after verifying that version's live "
+                    "release file by file; holds the output root's lease meanwhile, so no index run publishes "
+                    "at the same time, and swaps LATEST only if it did not change since it was read. The next "
+                    "publication with a later snapshot moves LATEST forward again: pause the schedule first.")
+    parser.add_argument("--index", required=True,
+                        help="[required] output root of `catalog-index index` (local or gs://)")
+    parser.add_argument("--to", required=True, help="[required] the published version LATEST should name")
+    args = parser.parse_args(argv)
+    owner = lease.Lease(args.index, f"rollback-{uuid.uuid4().hex[:8]}", args.to, command="rollback").acquire()
+    try:
+        done = publication.roll_back(args.index, args.to, lease=owner)
+    finally:
+        owner.release()
+    facts = (f"{done.checked.files} files, {done.checked.bytes} bytes, "
+             f"{done.checked.manifest['counts']['indexed']} items, verified")
+    if not done.moved:
+        print(f"LATEST already names {done.after.path} ({facts}); nothing changed")
+        return 0
+    print(f"LATEST: {done.before.path if done.before else 'nothing'} -> {done.after.path} ({facts})")
+    print("note: the next publication with a later snapshot moves LATEST forward again; pause the schedule "
+          "until the cause is fixed")
+    return 0
+
+
 def _gc(argv):
     from pipelines import flags
     from pipelines import gc
@@ -341,7 +376,8 @@ def _deploy(argv):
     return 0
 
 
-COMMANDS = {"index": _index, "backfill": _backfill, "train": _train, "verify": _verify, "gc": _gc, "models": _models,
+COMMANDS = {"index": _index, "backfill": _backfill, "train": _train, "verify": _verify, "rollback": _rollback,
+            "gc": _gc, "models": _models,
             "sample": _sample, "query": _query, "serve": _serve, "deploy": _deploy}
 
 

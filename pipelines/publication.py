@@ -11,7 +11,6 @@
 import dataclasses
 import datetime
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -165,6 +164,49 @@ def switch_pointers(output: str, candidate: layout.Pointer, force: bool, identic
         raise PublicationError(f"{latest_path} keeps changing; another publisher is running")
     failpoint("after_latest")
     return Outcome(candidate, latest, switched, moved)
+
+
+# --------------------------------------------------------------------------- rolling back
+
+
+@dataclasses.dataclass
+class RollBack:
+    """What `catalog-index rollback` did."""
+
+    before: Optional[layout.Pointer]  # what LATEST named
+    after: layout.Pointer  # what it names now: the version's live release
+    checked: Verified  # that release, verified file by file before LATEST moved
+    moved: bool  # False when LATEST already named it
+
+
+def roll_back(output: str, version: str, lease=None) -> RollBack:
+    """Points LATEST at ``version``'s live release (its CURRENT), the one deliberate backward move.
+
+    The release is verified completely first (manifest, every file's size and sha256). LATEST is
+    replaced by compare-and-swap against what was read, once: if it changed in between (a publisher
+    outside the lease), nothing is written and the caller is told. ``lease`` (held by the caller, so
+    no index run publishes meanwhile) is checked right before the swap. Publication still moves LATEST
+    only forward, so the next run with a later snapshot replaces the rollback.
+    """
+    output = output.rstrip("/")
+    checked = verify(output, version)
+    target = checked.pointer
+    latest_path = files.join(output, layout.LATEST_FILE)
+    try:
+        latest, token = read_pointer(latest_path)
+    except VerificationError as e:
+        _log.warning("replacing an unreadable LATEST: %s", e)
+        latest, token = None, cas.store_for(latest_path).read(latest_path)[1]
+    if latest == target:
+        return RollBack(latest, target, checked, moved=False)
+    if lease is not None:
+        lease.ensure()
+    if not cas.store_for(latest_path).write_if(latest_path, target.dumps(), token):
+        now, _ = read_pointer(latest_path)
+        raise PublicationError(
+            f"{latest_path} changed while rolling back (it names {now.path if now else 'nothing'} now); "
+            f"nothing was written: check what published it, then rerun")
+    return RollBack(latest, target, checked, moved=True)
 
 
 # --------------------------------------------------------------------------- garbage collection

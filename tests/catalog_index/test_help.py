@@ -18,7 +18,7 @@ from catalog_index import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(ROOT, "README.md")
-COMMANDS = ("index", "backfill", "train", "verify", "gc", "models", "sample", "query", "serve")
+COMMANDS = ("index", "backfill", "train", "verify", "rollback", "gc", "models", "sample", "query", "serve")
 # Beam's own flags, named in the README's synopses as examples of what passes through.
 BEAM_FLAGS = {"--runner", "--direct_num_workers", "--direct_running_mode"}
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -278,6 +278,7 @@ REQUIRED = {
     "backfill": {"--catalog-pattern", "--from", "--to", "--output"},
     "train": {"--clicks", "--index", "--output"},
     "verify": {"--index"},
+    "rollback": {"--index", "--to"},
     "gc": {"--output"},
     "models": {"--to"},
     "sample": {"--output"},

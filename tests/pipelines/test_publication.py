@@ -367,6 +367,90 @@ def test_verify_refuses_extra_files_and_a_changed_manifest(output):
         pub.verify(output)
 
 
+# --------------------------------------------------------------------------- rollback
+
+
+@pytest.fixture
+def two_versions(output, small_catalog, tiny_encoders):
+    """v0 (2026-11-01) and v1 (2026-11-02) published; LATEST names v1."""
+    index_pipeline.run(index_args(small_catalog["catalog_glob"], output, tiny_encoders, "--version", "v1",
+                                  "--snapshot-time", "2026-11-02", "--shards", "2"))
+    assert check_complete(output)[0] == "v1"
+    return output
+
+
+def _pointer_bytes(output, name="LATEST"):
+    with open(os.path.join(output, name), "rb") as f:
+        return f.read()
+
+
+def test_rollback_points_latest_at_the_earlier_version_and_the_next_publication_moves_it_on(
+        two_versions, small_catalog, tiny_encoders, capsys):
+    output = two_versions
+    v1_current = _pointer_bytes(output, "v1/CURRENT")
+    assert cli.main(["rollback", "--index", output, "--to", "v0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("LATEST: v1/r") and " -> v0/r" in out[0] and "verified" in out[0], out
+    assert "moves LATEST forward again" in out[1]
+    assert check_complete(output)[0] == "v0"
+    assert _pointer_bytes(output) == _pointer_bytes(output, "v0/CURRENT")  # the same pointer, byte for byte
+    assert _pointer_bytes(output, "v1/CURRENT") == v1_current  # v1 stays published, untouched
+    assert not os.path.exists(os.path.join(output, layout.LEASE_FILE))  # the lease was given back
+    assert cli.main(["rollback", "--index", output, "--to", "v0"]) == 0
+    assert "LATEST already names v0/r" in capsys.readouterr().out
+    # Publication still moves LATEST only forward: a later snapshot replaces the rollback.
+    index_pipeline.run(index_args(small_catalog["catalog_glob"], output, tiny_encoders, "--version", "v2",
+                                  "--snapshot-time", "2026-11-03", "--shards", "2"))
+    assert check_complete(output)[0] == "v2"
+
+
+def test_rollback_refuses_a_damaged_version_an_unknown_one_and_a_held_lease(two_versions, capsys):
+    output = two_versions
+    latest = _pointer_bytes(output)
+    version, release = "v0", json.loads(_pointer_bytes(output, "v0/CURRENT"))["release"]
+    shard = os.path.join(output, version, release, "shards", "shard-00000-of-00002.ann")
+    with open(shard, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert cli.main(["rollback", "--index", output, "--to", "v0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard-00000-of-00002.ann: content differs from the manifest" in err[0], err
+    assert cli.main(["rollback", "--index", output, "--to", "v7"]) == 1
+    assert "version 'v7' is not published" in capsys.readouterr().err
+    holder = lease.Lease(output, "r20261129T000000Z-deadbeef", "v9").acquire()
+    try:
+        assert cli.main(["rollback", "--index", output, "--to", "v0"]) == 1
+    finally:
+        holder.release()
+    assert "run r20261129T000000Z-deadbeef" in capsys.readouterr().err
+    assert _pointer_bytes(output) == latest  # nothing moved
+    assert cli.main(["rollback", "--index", output]) == 2  # --to is required
+
+
+def test_rollback_writes_nothing_when_latest_changes_under_it(two_versions, monkeypatch):
+    """The swap is against the LATEST that was read: a publisher sneaking in between wins, the rollback
+    writes nothing and says so."""
+    output = two_versions
+    latest_path = os.path.join(output, layout.LATEST_FILE)
+    store = cas.store_for(latest_path)
+    real_read = type(store).read
+    sneaked = {}
+
+    def read_then_change(self, path):
+        got = real_read(self, path)
+        if path == latest_path and not sneaked:  # right after the rollback read LATEST, a publisher moves it
+            sneaked["pointer"] = layout.Pointer.loads(got[0], path)._replace(snapshot="2026-11-04T00:00:00Z")
+            assert real_write(self, path, sneaked["pointer"].dumps(), got[1])
+        return got
+
+    real_write = type(store).write_if
+    monkeypatch.setattr(type(store), "read", read_then_change)
+    with pytest.raises(pub.PublicationError, match="changed while rolling back .* nothing was written"):
+        pub.roll_back(output, "v0")
+    assert _pointer_bytes(output) == sneaked["pointer"].dumps()  # the publisher's write stands
+
+
 def test_gc_removes_abandoned_and_replaced_releases_never_the_live_ones(output, small_catalog, tiny_encoders):
     live_version, live_release = check_complete(output)
     abandoned = os.path.join(output, "v0", layout.new_release_id())
