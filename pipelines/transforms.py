@@ -526,7 +526,21 @@ class TextRef(NamedTuple):
     keys: tuple
 
 
-class _StageTextVectors(beam.DoFn):
+class _Staging(beam.DoFn):
+    """A DoFn that holds a bundle's elements and writes them to staging files in ``_flush`` (a generator of
+    what goes downstream) whenever enough are held, and at the end of the bundle."""
+
+    def _flush(self):
+        raise NotImplementedError
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        for element in self._flush():
+            yield GlobalWindows.windowed_value(element)
+
+
+class _StageTextVectors(_Staging):
     """((text key, buckets), vector) -> text vectors in staging files; (bucket, TextRef) out.
 
     Vectors wait per bundle until about ``max_bytes`` are held (or the bundle ends); then one file
@@ -552,12 +566,6 @@ class _StageTextVectors(beam.DoFn):
         self._bytes += vector.nbytes * len(buckets)
         if self._bytes >= self._max_bytes:
             yield from self._flush()
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindows
-
-        for element in self._flush():
-            yield GlobalWindows.windowed_value(element)
 
     def _flush(self):
         import uuid
@@ -1035,7 +1043,7 @@ class SampleQueryInputs(beam.PTransform):
 STAGE_BUFFER_BYTES = 32 << 20  # items held per worker before they go to staging files
 
 
-class _StageItems(beam.DoFn):
+class _StageItems(_Staging):
     """Fused items -> staging Parquet files, one per shard per flush: ``(shard, (path, rows))``.
 
     Items wait in per-shard buffers until about ``max_bytes`` are held (or the bundle ends), then each
@@ -1060,12 +1068,6 @@ class _StageItems(beam.DoFn):
         self._held += shd.staged_bytes(item)
         if self._held >= self._max_bytes:
             yield from self._flush()
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindows
-
-        for element in self._flush():
-            yield GlobalWindows.windowed_value(element)
 
     def _flush(self):
         import uuid
