@@ -791,12 +791,13 @@ def _slim_batch(batch):
 class EncodeItems(beam.PTransform):
     """Runs the text and image encoders as RunInference steps on the deterministic batches.
 
-    Input: batches from BatchItems. Texts are encoded once per distinct text (_EncodeTexts) and joined
-    back to their batches by bucket; then each batch runs, in one fused chain with no shuffle, through
-    loading its images, the image encoder (RunInference with the whole batch as one example) and
-    _Assemble. So the shuffle holds rows without descriptions, text keys and text vectors, but no image
-    vector and no pixels: on the local runner, which holds a shuffle in memory, that is what keeps the
-    image side flat (1,280 floats per item with the built-in encoder).
+    Input: batches from BatchItems. Texts are encoded once per distinct text (_EncodeTexts), their
+    vectors written to staging files under ``staging_dir`` and only references (TextRef) joined back
+    to the batches by bucket; then each batch runs, in one fused chain with no shuffle and no Flatten,
+    through loading its images, the image encoder (RunInference with the whole batch as one example)
+    and _Assemble. So the join holds rows without descriptions, text keys and file references, and no
+    vector or pixel goes through a shuffle: the local runner holds every shuffle (and every Flatten)
+    in memory, and this is what keeps its memory flat in the catalog's vectors.
 
     Outputs {"items": [EncodedItem] per batch, "rejected": Rejection, "degraded": Rejection, "images":
     the loaded pixels per batch, "carried": [reuse.Carried] per batch}. Batches with previous rows
