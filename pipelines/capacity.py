@@ -1,4 +1,5 @@
-"""Will a local run fit in this machine's memory? An estimate before any work, not a kill by the kernel.
+"""Will a local run fit in this machine's memory? An estimate before any work, not a kill by the kernel;
+and how many shards a local run may build at once (``shard_threads``).
 
 The local runners hold every shuffle in memory. Since the encode stage was reworked (issue 9),
 image vectors and pixels go through no shuffle (each batch runs from its images to its staging files
@@ -75,3 +76,27 @@ def check_local_memory(rows: int, text_dim: int, image_dim: int, dim: int, runne
             f"{found.bytes_available / gib:.1f} GiB are available; run on Dataflow (--runner DataflowRunner), "
             f"on a machine with more memory, split the catalog, or pass --no-memory-check to try anyway")
     return found
+
+
+# Building one shard holds its items' staged rows (text, image and fused vectors, read back from Parquet)
+# and Annoy's arrays of the fused vectors: measured ~22 KiB per item for 384/1,280/256-d (100k items,
+# two shards at once: +280 MiB over the encode stage), about 3 x the raw bytes of each.
+SHARD_COPIES = 3
+SHARD_SHARE = 0.5  # of the memory available at the start: the rest of the pipeline is still held
+
+
+def shard_threads(rows: int, num_shards: int, text_dim: int, image_dim: int, dim: int, runner,
+                  cpus: Optional[int] = None, available: Optional[int] = None) -> int:
+    """How many shards a run builds at once on one machine: one per CPU, fewer when that many shards'
+    items would not fit in SHARD_SHARE of the memory available (never fewer than one). Distributed
+    runners: the CPU count (each worker builds its own shards in its own memory)."""
+    import os
+
+    cpus = cpus or os.cpu_count() or 1
+    if not is_local(runner):
+        return cpus
+    available = available if available is not None else available_bytes()
+    if available is None:
+        return cpus
+    per_shard = -(-rows // max(1, num_shards)) * SHARD_COPIES * 4 * (text_dim + image_dim + 2 * dim)
+    return max(1, min(cpus, int(SHARD_SHARE * available // max(1, per_shard))))

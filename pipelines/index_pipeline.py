@@ -328,8 +328,13 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
                       "image_root": opts.image_root})
     # Unchanged items of an incremental run are not fused again: their rows go from the previous parts
     # into their shards (pipelines/reuse.py).
+    threads = opts.shard_build_threads or capacity.shard_threads(
+        plan.catalog_rows, opts.shards, plan.text_encoder.output_dim, plan.image_encoder.output_dim, plan.fusion.dim,
+        opts.view_as(StandardOptions).runner)
+    _log.info("shards built at once per worker: %d%s", threads, " (--shard-build-threads)"
+              if opts.shard_build_threads else " (CPUs, bounded by memory on a local runner)")
     shards = {"items": fused["items"], "carried": encoded[tr.CARRIED]} | "WriteAnnoyShards" >> tr.WriteAnnoyShards(
-        staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed, threads=opts.shard_threads(),
+        staging, opts.shards, plan.fusion.dim, opts.trees, opts.seed, threads=threads,
         previous_parts=previous_parts)
     sample_inputs = {"batches": batches, tr.IMAGES: encoded[tr.IMAGES], "items": fused["items"]}
     if plan.reuse is not None:

@@ -156,7 +156,8 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--shard-build-threads", "--shard_build_threads", dest="shard_build_threads", type=int,
                             default=None,
                             help="Shards built at once by each worker; 1 builds them one after another; the shard "
-                                 "files are the same for any value (default: the worker's CPU count).")
+                                 "files are the same for any value (default: the worker's CPU count; on a local runner "
+                                 "at most as many as fit in half the memory available, pipelines/capacity.py).")
         parser.add_argument("--no-memory-check", "--no_memory_check", dest="no_memory_check", action="store_true",
                             help="Run on the local runner even when the memory estimate says the catalog will not "
                                  "fit (pipelines/capacity.py); by default such a run stops before any work.")
@@ -165,13 +166,6 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--force", action="store_true",
                             help="Publish even if the version is already published with other content (as a new "
                                  "release; the old one stays until gc) or its folder holds foreign files.")
-
-    def shard_threads(self) -> int:
-        """--shard-build-threads, or this machine's CPU count (each worker of a distributed runner builds its
-        own shards; the value travels with the pipeline, so the launcher's count is used there too)."""
-        import os
-
-        return self.shard_build_threads or os.cpu_count() or 1
 
     def check(self) -> str:
         """The checks that need no I/O; returns the output root. Runs before the lease is taken.

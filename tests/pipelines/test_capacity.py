@@ -42,3 +42,17 @@ def test_the_index_command_stops_before_any_work(tmp_path, tiny_encoders, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "--no-memory-check" in err[0], err
     assert not (out / "LATEST").exists()
+
+
+def test_shards_built_at_once_are_bounded_by_memory_on_a_local_runner():
+    # 1M items, 16 shards, 384/1280/256-d: 62,500 items per shard x 3 x 4 x (384 + 1280 + 512) bytes
+    per_shard = 62_500 * 3 * 4 * (384 + 1280 + 512)
+    assert per_shard == 1_632_000_000
+    # Half of 20 GiB holds 6 such shards: 6 of 16 CPUs; 2 CPUs stay 2; 2 GiB holds none, still 1.
+    assert int(0.5 * 20 * GIB // per_shard) == 6
+    assert capacity.shard_threads(1_000_000, 16, 384, 1280, 256, "DirectRunner", cpus=16, available=20 * GIB) == 6
+    assert capacity.shard_threads(1_000_000, 16, 384, 1280, 256, "DirectRunner", cpus=2, available=20 * GIB) == 2
+    assert capacity.shard_threads(1_000_000, 16, 384, 1280, 256, "DirectRunner", cpus=16, available=2 * GIB) == 1
+    # Small catalogs: every CPU. Distributed runners: the CPU count, memory not consulted.
+    assert capacity.shard_threads(10_000, 16, 384, 1280, 256, "DirectRunner", cpus=16, available=2 * GIB) == 16
+    assert capacity.shard_threads(10 ** 9, 16, 384, 1280, 256, "DataflowRunner", cpus=4, available=GIB) == 4
