@@ -1024,11 +1024,16 @@ class SampleQueryInputs(beam.PTransform):
         def by_rank(kv):
             return sample_rank(kv[0])
 
-        vectors = inputs["items"] | "KeyVectors" >> beam.Map(_keyed_vectors)
+        vectors = (inputs["items"] | "KeyVectors" >> beam.Map(_keyed_vectors)
+                   | "PickSampleItems" >> beam.combiners.Top.Smallest(n, key=by_rank))
         if "shards" in inputs:  # incremental runs: candidates among the carried items, from their shards
-            carried = inputs["shards"] | "CarriedSamples" >> beam.FlatMap(lambda info: info.samples)
-            vectors = (vectors, carried) | "FlattenSampleItems" >> beam.Flatten()
-        vectors = vectors | "PickSampleItems" >> beam.combiners.Top.Smallest(n, key=by_rank)
+            # Each stream is cut to its n best before they meet: the local runner materialises a Flatten,
+            # which here would hold every fused item's vectors.
+            carried = (inputs["shards"] | "CarriedSamples" >> beam.FlatMap(lambda info: info.samples)
+                       | "PickCarriedSamples" >> beam.combiners.Top.Smallest(n, key=by_rank))
+            vectors = ((vectors, carried) | "FlattenSamplePicks" >> beam.Flatten()
+                       | "ListSamplePicks" >> beam.FlatMap(lambda picks: picks)
+                       | "PickSampleOfBoth" >> beam.combiners.Top.Smallest(n, key=by_rank))
         texts = (inputs["batches"] | "KeyTexts" >> beam.FlatMap(_keyed_texts)
                  | "PickSampleTexts" >> beam.combiners.Top.Smallest(wide, key=by_rank))
         pixels = (inputs["images"] | "KeyPixels" >> beam.FlatMap(lambda loaded: loaded)
