@@ -348,9 +348,9 @@ class BatchItems(beam.PTransform):
 
 
 class _Joined(NamedTuple):
-    """One batch with its texts encoded: what loading its images and _Assemble need. Only these (no
-    image vector, no pixels) go through EncodeItems' shuffle; the image work that follows runs batch by
-    batch in one fused chain, so image vectors never wait in a runner's memory."""
+    """One batch with its texts encoded: what loading its images and _Assemble need. Made right after
+    EncodeItems' join (which holds slim rows, text keys and TextRefs, no vector); the image work that
+    follows runs batch by batch in one fused chain, so no vector waits in a runner's memory."""
 
     rows: list  # CatalogRows without descriptions, in item_id order
     text_keys: dict  # item_id -> sha256 of the item's text
