@@ -265,20 +265,26 @@ class _DaemonWorkers:
         self._lock = threading.Lock()
         self._idle = 0
 
-    def submit(self, fn):
+    def submit(self, fn) -> threading.Event:
+        """Runs ``fn`` (which must not raise) on a worker; the event is set once it returned and its
+        worker is idle again, so a caller that waits for it and submits again reuses that worker."""
+        done = threading.Event()
         with self._lock:
             start = self._idle == 0
             if not start:
                 self._idle -= 1
         if start:
             threading.Thread(target=self._work, name="image-fetch", daemon=True).start()
-        self._tasks.put(fn)
+        self._tasks.put((fn, done))
+        return done
 
     def _work(self):
         while True:
-            self._tasks.get()()
+            fn, done = self._tasks.get()
+            fn()
             with self._lock:
                 self._idle += 1
+            done.set()
 
 
 _workers = _DaemonWorkers()
@@ -297,7 +303,6 @@ def _run_with_deadline(fn, deadline):
         if _abandoned_reads >= _MAX_ABANDONED_READS:
             raise OSError(f"{_abandoned_reads} earlier image reads are still stuck past their deadline")
     box = {"finished": False, "abandoned": False}
-    done = threading.Event()
 
     def target():
         global _abandoned_reads  # pylint: disable=global-statement
@@ -310,9 +315,8 @@ def _run_with_deadline(fn, deadline):
                 box["finished"] = True
                 if box["abandoned"]:
                     _abandoned_reads -= 1
-            done.set()
 
-    _workers.submit(target)
+    done = _workers.submit(target)
     done.wait(max(0.0, deadline - time.monotonic()))
     with _abandoned_lock:
         # Decided under the lock, so a thread finishing right now is either
