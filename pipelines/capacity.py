@@ -1,17 +1,18 @@
 """Will a local run fit in this machine's memory? An estimate before any work, not a kill by the kernel;
 and how many shards a local run may build at once (``shard_threads``).
 
-The local runners hold every shuffle in memory. Since the encode stage was reworked (issue 9),
-image vectors and pixels go through no shuffle (each batch runs from its images to its staging files
-in one fused chain) and fused vectors go to staging files; what still grows with the catalog is the
-rows in the batching shuffle and the text vectors joined back to their batches (several copies of
-each in the runner's buffers). The model: a fixed base for TensorFlow and the encoders, plus per item
-an overhead, TEXT_COPIES copies of its text vector, a fraction of its image vector (the shards built
-at once) and one copy of its fused vector, in float32. Measured (`benchmarks/bench_memory.py`, 100k
-items, 16 shards, 256-d, tiny encoders; benchmarks/README.md, "Encode stage without image vectors in
-shuffles"): 5.9 KiB per item above the start at 64/48-d, 12.8 KiB at the built-in 384/1,280-d. The
-constants below leave room above both (8.3 and 17.0 KiB): the estimate is meant to refuse what
-cannot fit, not to predict the peak to the megabyte.
+The local runners hold every shuffle (and every multi-input Flatten) in memory. The index pipeline keeps
+vectors out of them (issue 9): text vectors wait in staging files, each batch runs from its images to
+its shard staging files in one fused chain, and each shard is built from its own files. What grows with
+the catalog is its rows in the batching shuffle and the runner's bookkeeping, plus the shards built at
+once. The model: a fixed base for TensorFlow and the encoders; per item an overhead and a quarter of
+its text, image and fused vectors in float32 (transient buffers); and one shard's build on top
+(shard_bytes; shard_threads builds more at once only when they fit). Measured
+(`benchmarks/bench_memory.py`, 16 shards, 256-d, tiny encoders; benchmarks/README.md, "The encode stage
+without vectors in shuffles"): 1M items at the built-in sizes 384/1,280-d peaked at 5.6 GiB (estimate
+9.1), 100k at 1.6 GiB (2.7), 100k at 64/48-d 1.3 GiB (2.5); one 100k shard at the built-in sizes
+(`bench_incremental.py --shards 1`) 3.7 GiB (5.0). The estimate is meant to refuse what cannot fit,
+not to predict the peak to the megabyte.
 
 Dataflow and other distributed runners spill shuffles to disk: no check there.
 """
@@ -21,11 +22,14 @@ from typing import NamedTuple, Optional
 from schemas.errors import ConfigError
 
 BASE_BYTES = 2 * 1024 ** 3  # TensorFlow, two encoders, Beam
-PER_ITEM_OVERHEAD = 6 * 1024  # rows, keys and the runner's bookkeeping
-TEXT_COPIES = 5  # the text vectors' join: measured ~4.5 copies
-IMAGE_COPIES = 0.5  # no shuffle; the shards being built and Parquet's buffers
-FUSED_COPIES = 1
+PER_ITEM_OVERHEAD = 4 * 1024  # rows and keys in the shuffles, the runner's bookkeeping (measured ~2 KiB at 1M)
+VECTOR_SHARE = 0.25  # of each item's text + image + fused vector bytes: transient buffers
 HEADROOM = 0.9  # of the memory available when the run starts
+# Building one shard holds its items' staged rows (text, image and fused vectors, read back from Parquet)
+# and Annoy's arrays of the fused vectors: measured ~22 KiB per item for 384/1,280/256-d (100k items,
+# two shards at once: +280 MiB over the encode stage), about 3 x the raw bytes of each.
+SHARD_COPIES = 3
+SHARD_SHARE = 0.5  # of the memory available at the start: the rest of the pipeline is still held
 
 
 class Estimate(NamedTuple):
@@ -56,33 +60,39 @@ def available_bytes() -> Optional[int]:
     return None
 
 
-def estimate(rows: int, text_dim: int, image_dim: int, dim: int, available: Optional[int] = None) -> Estimate:
-    per_item = PER_ITEM_OVERHEAD + 4 * (TEXT_COPIES * text_dim + IMAGE_COPIES * image_dim + FUSED_COPIES * dim)
-    return Estimate(rows, BASE_BYTES + int(rows * per_item), available)
+def shard_bytes(rows: int, num_shards: int, text_dim: int, image_dim: int, dim: int) -> int:
+    """What building one shard holds: its items' staged rows and Annoy's copy of their fused vectors."""
+    return -(-rows // max(1, num_shards)) * SHARD_COPIES * 4 * (text_dim + image_dim + 2 * dim)
+
+
+def estimate(rows: int, text_dim: int, image_dim: int, dim: int, available: Optional[int] = None,
+             num_shards: Optional[int] = None) -> Estimate:
+    """The base, the per-item cost, and (with ``num_shards``) one shard's build on top: shard_threads
+    builds more at once only when they fit, but never fewer than one."""
+    per_item = PER_ITEM_OVERHEAD + VECTOR_SHARE * 4 * (text_dim + image_dim + dim)
+    one_shard = shard_bytes(rows, num_shards, text_dim, image_dim, dim) if num_shards else 0
+    return Estimate(rows, BASE_BYTES + int(rows * per_item) + one_shard, available)
 
 
 def check_local_memory(rows: int, text_dim: int, image_dim: int, dim: int, runner,
-                       available: Optional[int] = None) -> Optional[Estimate]:
+                       available: Optional[int] = None, num_shards: Optional[int] = None) -> Optional[Estimate]:
     """Raises ConfigError when a local run of ``rows`` items would not fit; returns the estimate (None when the
     runner is not local)."""
     if not is_local(runner):
         return None
-    found = estimate(rows, text_dim, image_dim, dim, available if available is not None else available_bytes())
+    found = estimate(rows, text_dim, image_dim, dim, available if available is not None else available_bytes(),
+                     num_shards)
     if not found.fits:
         gib = 1024 ** 3
         raise ConfigError(
             f"{rows} catalog rows with {text_dim}-d text, {image_dim}-d image and {dim}-d fused vectors need about "
-            f"{found.bytes_needed / gib:.1f} GiB on the local runner (it keeps every shuffle in memory), but "
+            f"{found.bytes_needed / gib:.1f} GiB on the local runner (it keeps every shuffle in memory and builds "
+            f"each shard in memory: more --shards make shards smaller), but "
             f"{found.bytes_available / gib:.1f} GiB are available; run on Dataflow (--runner DataflowRunner), "
             f"on a machine with more memory, split the catalog, or pass --no-memory-check to try anyway")
     return found
 
 
-# Building one shard holds its items' staged rows (text, image and fused vectors, read back from Parquet)
-# and Annoy's arrays of the fused vectors: measured ~22 KiB per item for 384/1,280/256-d (100k items,
-# two shards at once: +280 MiB over the encode stage), about 3 x the raw bytes of each.
-SHARD_COPIES = 3
-SHARD_SHARE = 0.5  # of the memory available at the start: the rest of the pipeline is still held
 
 
 def shard_threads(rows: int, num_shards: int, text_dim: int, image_dim: int, dim: int, runner,
@@ -98,5 +108,5 @@ def shard_threads(rows: int, num_shards: int, text_dim: int, image_dim: int, dim
     available = available if available is not None else available_bytes()
     if available is None:
         return cpus
-    per_shard = -(-rows // max(1, num_shards)) * SHARD_COPIES * 4 * (text_dim + image_dim + 2 * dim)
+    per_shard = shard_bytes(rows, num_shards, text_dim, image_dim, dim)
     return max(1, min(cpus, int(SHARD_SHARE * available // max(1, per_shard))))

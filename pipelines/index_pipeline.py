@@ -507,7 +507,7 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
     if not opts.no_memory_check:  # a catalog too big for the local runner stops here, not in the kernel's hands
         estimate = capacity.check_local_memory(plan.catalog_rows, plan.text_encoder.output_dim,
                                                plan.image_encoder.output_dim, plan.fusion.dim,
-                                               options.view_as(StandardOptions).runner)
+                                               options.view_as(StandardOptions).runner, num_shards=opts.shards)
         if estimate is not None:
             _log.info("memory estimate for the local runner: %.1f GiB of %s available", estimate.bytes_needed / 2 ** 30,
                       "?" if estimate.bytes_available is None else f"{estimate.bytes_available / 2 ** 30:.1f} GiB")

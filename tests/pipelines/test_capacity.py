@@ -9,20 +9,34 @@ GIB = 1024 ** 3
 
 
 def test_the_estimate_worked_by_hand():
-    # 1M items of the built-in sizes: 2 GiB + 1e6 x (6,144 + 4 x (5 x 384 + 1280 / 2 + 256)) bytes
-    got = capacity.estimate(1_000_000, 384, 1280, 256)
-    assert got.bytes_needed == 2 * GIB + 1_000_000 * (6144 + 4 * (1920 + 640 + 256)) == 2 * GIB + 17_408_000_000
-    assert round(got.bytes_needed / GIB, 1) == 18.2
-    # 100k items of the tiny encoders' sizes: 2 GiB + 1e5 x (6,144 + 4 x (5 x 64 + 48 / 2 + 256))
-    assert capacity.estimate(100_000, 64, 48, 256).bytes_needed == 2 * GIB + 100_000 * (6144 + 4 * 600)
+    # 1M items of the built-in sizes, 16 shards: 2 GiB + 1e6 x (4,096 + 0.25 x 4 x (384 + 1280 + 256)) bytes
+    # + one shard: 62,500 items x 3 x 4 x (384 + 1280 + 2 x 256)
+    got = capacity.estimate(1_000_000, 384, 1280, 256, num_shards=16)
+    assert got.bytes_needed == 2 * GIB + 1_000_000 * (4096 + 1920) + 62_500 * 12 * 2176
+    assert got.bytes_needed == 2 * GIB + 6_016_000_000 + 1_632_000_000
+    assert round(got.bytes_needed / GIB, 1) == 9.1
+    # 100k items of the tiny encoders' sizes: 2 GiB + 1e5 x (4,096 + 368) + 6,250 x 12 x (64 + 48 + 512)
+    assert capacity.estimate(100_000, 64, 48, 256, num_shards=16).bytes_needed == (
+        2 * GIB + 100_000 * (4096 + 368) + 6_250 * 12 * 624)
+    # Without a shard count, no shard build is counted.
+    assert capacity.estimate(1_000_000, 384, 1280, 256).bytes_needed == 2 * GIB + 6_016_000_000
 
 
 def test_a_catalog_too_big_for_the_machine_is_refused_with_the_figures():
-    with pytest.raises(ConfigError, match=r"1000000 catalog rows .* need about 18.2 GiB .* but 20.0 GiB are "
-                                          r"available; run on Dataflow"):
-        capacity.check_local_memory(1_000_000, 384, 1280, 256, None, available=20 * GIB)
-    fits = capacity.check_local_memory(100_000, 384, 1280, 256, "DirectRunner", available=20 * GIB)
-    assert fits is not None and fits.fits  # 100k: about 3.6 GiB
+    with pytest.raises(ConfigError, match=r"1000000 catalog rows .* need about 9.1 GiB .* more --shards .* but "
+                                          r"8.0 GiB are available; run on Dataflow"):
+        capacity.check_local_memory(1_000_000, 384, 1280, 256, None, available=8 * GIB, num_shards=16)
+    fits = capacity.check_local_memory(1_000_000, 384, 1280, 256, "DirectRunner", available=20 * GIB,
+                                       num_shards=16)
+    assert fits is not None and fits.fits  # what the 1M benchmark ran (peak 5.6 GiB)
+
+
+def test_one_big_shard_is_counted():
+    """A shard is built in memory: 1M items of the built-in sizes in one shard need ~24 GiB for it alone,
+    which this estimate refuses on a 20 GiB machine where 16 shards fit."""
+    one = capacity.estimate(1_000_000, 384, 1280, 256, available=20 * GIB, num_shards=1)
+    assert one.bytes_needed == 2 * GIB + 6_016_000_000 + 1_000_000 * 12 * 2176 and not one.fits
+    assert capacity.estimate(1_000_000, 384, 1280, 256, available=20 * GIB, num_shards=16).fits
 
 
 def test_distributed_runners_and_unknown_memory_are_not_refused():
