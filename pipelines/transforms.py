@@ -799,7 +799,9 @@ class EncodeItems(beam.PTransform):
     vector or pixel goes through a shuffle: the local runner holds every shuffle (and every Flatten)
     in memory, and this is what keeps its memory flat in the catalog's vectors.
 
-    Outputs {"items": [EncodedItem] per batch, "rejected": Rejection, "degraded": Rejection, "images":
+    Outputs {"items": [EncodedItem] per batch (in an incremental run a pair of such PCollections: the
+    items encoded in full, and those with a reused vector read back; see streams()), "rejected":
+    Rejection, "degraded": Rejection, "images":
     the loaded pixels per batch, "carried": [reuse.Carried] per batch}. Batches with previous rows
     (BatchItems with ``previous``) reuse vectors by pipelines/reuse.py's rules: items with every vector
     reused leave as "carried" (WriteAnnoyShards copies their rows), the vectors of the others are read
@@ -857,10 +859,17 @@ class EncodeItems(beam.PTransform):
             filled = (assembled[PARTIAL]
                       | "GroupPartialByPart" >> beam.GroupByKey()
                       | "ReadReusedVectors" >> beam.ParDo(_FillReused(self._previous_parts, self._batch_size)))
-            items = (items, filled) | "FlattenFilledItems" >> beam.Flatten()
+            # Two streams, not a Flatten: the local runner materialises a Flatten, which would hold every
+            # item fused in this run. FuseEmbeddings, WriteAnnoyShards and SampleQueryInputs take both.
+            items = (items, filled)
         # "images": the prepared pixels, per batch [(item_id, float32 [h, w, 3])], for SampleQueryInputs.
         return {"items": items, REJECTED: assembled[REJECTED], DEGRADED: assembled[DEGRADED],
                 IMAGES: loaded[IMAGES], CARRIED: assembled[CARRIED]}
+
+
+def streams(pcolls) -> tuple:
+    """A PCollection, or a tuple of them (EncodeItems' "items" in an incremental run), as a tuple."""
+    return tuple(pcolls) if isinstance(pcolls, (tuple, list)) else (pcolls,)
 
 
 class _Fuse(beam.DoFn):
@@ -918,8 +927,14 @@ class FuseEmbeddings(beam.PTransform):
         self._spec = spec
 
     def expand(self, batches):
-        results = batches | "FuseVectors" >> beam.ParDo(_Fuse(self._spec)).with_outputs(REJECTED, main="items")
-        return {"items": results.items, REJECTED: results[REJECTED]}
+        """``batches``: a PCollection or a tuple of them (fused each on its own: see streams()); "items"
+        is then a tuple too, and "rejected" one PCollection."""
+        results = [stream | (f"FuseVectors{i}" if i else "FuseVectors") >> beam.ParDo(_Fuse(self._spec)).with_outputs(
+            REJECTED, main="items") for i, stream in enumerate(streams(batches))]
+        if len(results) == 1:
+            return {"items": results[0].items, REJECTED: results[0][REJECTED]}
+        return {"items": tuple(r.items for r in results),
+                REJECTED: tuple(r[REJECTED] for r in results) | "FlattenFuseRejections" >> beam.Flatten()}
 
 
 # ---------------------------------------------------------------------------
@@ -1024,16 +1039,19 @@ class SampleQueryInputs(beam.PTransform):
         def by_rank(kv):
             return sample_rank(kv[0])
 
-        vectors = (inputs["items"] | "KeyVectors" >> beam.Map(_keyed_vectors)
-                   | "PickSampleItems" >> beam.combiners.Top.Smallest(n, key=by_rank))
+        # Each stream is cut to its n best before they meet: the local runner materialises a Flatten,
+        # which would hold every fused item's vectors.
+        picks = [stream | (f"KeyVectors{i}" if i else "KeyVectors") >> beam.Map(_keyed_vectors)
+                 | (f"PickSampleItems{i}" if i else "PickSampleItems") >> beam.combiners.Top.Smallest(n, key=by_rank)
+                 for i, stream in enumerate(streams(inputs["items"]))]
         if "shards" in inputs:  # incremental runs: candidates among the carried items, from their shards
-            # Each stream is cut to its n best before they meet: the local runner materialises a Flatten,
-            # which here would hold every fused item's vectors.
-            carried = (inputs["shards"] | "CarriedSamples" >> beam.FlatMap(lambda info: info.samples)
-                       | "PickCarriedSamples" >> beam.combiners.Top.Smallest(n, key=by_rank))
-            vectors = ((vectors, carried) | "FlattenSamplePicks" >> beam.Flatten()
-                       | "ListSamplePicks" >> beam.FlatMap(lambda picks: picks)
-                       | "PickSampleOfBoth" >> beam.combiners.Top.Smallest(n, key=by_rank))
+            picks.append(inputs["shards"] | "CarriedSamples" >> beam.FlatMap(lambda info: info.samples)
+                         | "PickCarriedSamples" >> beam.combiners.Top.Smallest(n, key=by_rank))
+        vectors = picks[0]
+        if len(picks) > 1:
+            vectors = (tuple(picks) | "FlattenSamplePicks" >> beam.Flatten()
+                       | "ListSamplePicks" >> beam.FlatMap(lambda best: best)
+                       | "PickSampleOfAll" >> beam.combiners.Top.Smallest(n, key=by_rank))
         texts = (inputs["batches"] | "KeyTexts" >> beam.FlatMap(_keyed_texts)
                  | "PickSampleTexts" >> beam.combiners.Top.Smallest(wide, key=by_rank))
         pixels = (inputs["images"] | "KeyPixels" >> beam.FlatMap(lambda loaded: loaded)
@@ -1187,7 +1205,8 @@ class WriteAnnoyShards(beam.PTransform):
     (one shard's items must fit in one worker's memory). Every shard 0..N-1 is written, empty ones
     included, so readers can rely on N files.
 
-    Input: the fused IndexedItems, or {"items": them, "carried": [reuse.Carried]} in an incremental run
+    Input: the fused IndexedItems (a PCollection or a tuple of them, see streams()), or {"items": them,
+    "carried": [reuse.Carried]} in an incremental run
     (``previous_parts``: reuse.Source.embeddings): only carried items' ids and current catalog fields go
     through the shuffle; each shard reads their rows from the previous parts (reuse.carried_rows) and
     reports its query-sample candidates among them in ShardInfo.samples.
@@ -1207,8 +1226,11 @@ class WriteAnnoyShards(beam.PTransform):
     def expand(self, inputs) -> beam.PCollection[shd.ShardInfo]:
         n = self._num_shards
         items, carried = (inputs["items"], inputs.get("carried")) if isinstance(inputs, dict) else (inputs, None)
-        staged = items | "StageByShard" >> beam.ParDo(_StageItems(self._version_dir, n))
-        slots = items.pipeline | "ListShards" >> beam.Create([(i, None) for i in range(n)])
+        # Each stream of items (see streams()) goes to its own staging files; only the file names meet.
+        staged = [stream | (f"StageByShard{i}" if i else "StageByShard") >> beam.ParDo(
+            _StageItems(self._version_dir, n)) for i, stream in enumerate(streams(items))]
+        staged = staged[0] if len(staged) == 1 else tuple(staged) | "FlattenStagedFiles" >> beam.Flatten()
+        slots = staged.pipeline | "ListShards" >> beam.Create([(i, None) for i in range(n)])
         grouped = {"staged": staged, "slot": slots}
         if carried is not None:
             grouped["carried"] = carried | "KeyCarriedByShard" >> beam.FlatMap(_carried_by_shard, n)
