@@ -14,6 +14,7 @@ Two memory figures per run, both from the child started for that run only:
 
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -164,6 +165,20 @@ def child_env() -> dict:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def tiny_encoders(work, text_dim=64, image_dim=48):
+    """(text, image) paths of embedding/tiny.py's encoders at these sizes under ``work``, built once (seeded:
+    the same models every time) in a child process, so this process never imports TensorFlow."""
+    base = os.path.join(work, f"encoders-{text_dim}-{image_dim}")
+    text, image = os.path.join(base, "text"), os.path.join(base, "image")
+    if not (os.path.isdir(text) and os.path.isdir(image)):
+        code = ("import sys; from embedding import tiny; "
+                f"tiny.build_text_encoder(sys.argv[1], dim={text_dim}, seed=0); "
+                f"tiny.build_image_encoder(sys.argv[2], dim={image_dim}, seed=0)")
+        subprocess.run([sys.executable, "-c", code, text, image], check=True, env=child_env(), cwd=ROOT,
+                       capture_output=True)
+    return text, image
 
 
 def loadavg():

@@ -165,16 +165,6 @@ def make_catalogs(work, n_items, churn, pool, n_files, seed, with_version):
 BUILTIN = ("builtin:minilm-l6-v2", "builtin:efficientnet-lite0")  # --builtin: the default English encoders
 
 
-def make_encoders(work, text_dim, image_dim):
-    code = ("import sys; from embedding import tiny; "
-            f"tiny.build_text_encoder(sys.argv[1], dim={text_dim}, seed=0); "
-            f"tiny.build_image_encoder(sys.argv[2], dim={image_dim}, seed=0)")
-    text, image = os.path.join(work, "encoders", "text"), os.path.join(work, "encoders", "image")
-    subprocess.run([sys.executable, "-c", code, text, image], check=True, env=_measure.child_env(), cwd=ROOT,
-                   capture_output=True)
-    return text, image
-
-
 # ------------------------------------------------------------------ measuring one run
 
 
@@ -475,7 +465,7 @@ def main(argv=None):
 
     try:
         t = time.perf_counter()
-        encoders = (BUILTIN if args.builtin else make_encoders(work, args.text_dim, args.image_dim))
+        encoders = (BUILTIN if args.builtin else _measure.tiny_encoders(work, args.text_dim, args.image_dim))
         cat = make_catalogs(work, args.items, args.churn, args.image_pool, args.files, 0, args.image_version)
         result["catalogs"] = cat
         result["setup_s"] = time.perf_counter() - t

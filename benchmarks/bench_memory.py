@@ -192,18 +192,6 @@ def make_catalog(work, items, n, n_files, pool):
             "image_pool": pool, **pic_facts, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def make_encoders(work, text_dim=64, image_dim=48):
-    code = ("import sys; from embedding import tiny; "
-            f"tiny.build_text_encoder(sys.argv[1], dim={text_dim}, seed=0); "
-            f"tiny.build_image_encoder(sys.argv[2], dim={image_dim}, seed=0)")
-    sizes = "" if (text_dim, image_dim) == (64, 48) else f"-{text_dim}-{image_dim}"
-    text, image = (os.path.join(work, "encoders" + sizes, "text"), os.path.join(work, "encoders" + sizes, "image"))
-    if not (os.path.isdir(text) and os.path.isdir(image)):
-        subprocess.run([sys.executable, "-c", code, text, image], check=True, env=_measure.child_env(), cwd=ROOT,
-                       capture_output=True)
-    return text, image
-
-
 # ------------------------------------------------------------------ measuring one run
 
 
@@ -536,7 +524,7 @@ def main(argv=None):
                 json.dump(result, f, indent=None, separators=(",", ":"), default=str)
 
     try:
-        text, image = make_encoders(work, args.text_dim, args.image_dim)
+        text, image = _measure.tiny_encoders(work, args.text_dim, args.image_dim)
         items = Items(max(args.sizes), 0)
         extra = list(args.extra)
         if args.image_pool and not any(x.startswith(("--min-recall", "--min_recall")) for x in extra):
