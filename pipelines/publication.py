@@ -61,6 +61,16 @@ def read_pointer(path: str) -> Tuple[Optional[layout.Pointer], object]:
     return layout.Pointer.loads(data, path), token
 
 
+def _read_latest(latest_path: str) -> Tuple[Optional[layout.Pointer], object]:
+    """read_pointer for a LATEST about to be replaced: an unreadable one counts as none (logged), with the
+    CAS token of what is there, so the swap replaces exactly that."""
+    try:
+        return read_pointer(latest_path)
+    except VerificationError as e:
+        _log.warning("replacing an unreadable LATEST: %s", e)
+        return None, cas.store_for(latest_path).read(latest_path)[1]
+
+
 def resolve(output: str, version: Optional[str] = None) -> layout.Pointer:
     """The release a reader should load: LATEST's, or ``version``'s CURRENT."""
     output = output.rstrip("/")
@@ -150,11 +160,7 @@ def switch_pointers(output: str, candidate: layout.Pointer, force: bool, identic
     latest_path = files.join(output, layout.LATEST_FILE)
     moved = False
     for _ in range(20):
-        try:
-            latest, token = read_pointer(latest_path)
-        except VerificationError as e:
-            _log.warning("replacing an unreadable LATEST: %s", e)
-            latest, token = None, cas.store_for(latest_path).read(latest_path)[1]
+        latest, token = _read_latest(latest_path)
         if latest == candidate or not layout.later(candidate, latest):
             break
         if cas.store_for(latest_path).write_if(latest_path, candidate.dumps(), token):
@@ -192,11 +198,7 @@ def roll_back(output: str, version: str, lease=None) -> RollBack:
     checked = verify(output, version)
     target = checked.pointer
     latest_path = files.join(output, layout.LATEST_FILE)
-    try:
-        latest, token = read_pointer(latest_path)
-    except VerificationError as e:
-        _log.warning("replacing an unreadable LATEST: %s", e)
-        latest, token = None, cas.store_for(latest_path).read(latest_path)[1]
+    latest, token = _read_latest(latest_path)
     if latest == target:
         return RollBack(latest, target, checked, moved=False)
     if lease is not None:
