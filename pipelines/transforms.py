@@ -872,6 +872,12 @@ def streams(pcolls) -> tuple:
     return tuple(pcolls) if isinstance(pcolls, (tuple, list)) else (pcolls,)
 
 
+def each_stream(pcolls, label: str, make) -> list:
+    """``make()``'s transform applied to each stream on its own (labels ``label``, ``label1``, ...), so
+    that no Flatten, which the local runner materialises, joins the heavy elements."""
+    return [stream | (f"{label}{i}" if i else label) >> make() for i, stream in enumerate(streams(pcolls))]
+
+
 class _Fuse(beam.DoFn):
     def __init__(self, spec: fus.FusionSpec):
         self._spec = spec
@@ -929,8 +935,8 @@ class FuseEmbeddings(beam.PTransform):
     def expand(self, batches):
         """``batches``: a PCollection or a tuple of them (fused each on its own: see streams()); "items"
         is then a tuple too, and "rejected" one PCollection."""
-        results = [stream | (f"FuseVectors{i}" if i else "FuseVectors") >> beam.ParDo(_Fuse(self._spec)).with_outputs(
-            REJECTED, main="items") for i, stream in enumerate(streams(batches))]
+        results = each_stream(batches, "FuseVectors",
+                              lambda: beam.ParDo(_Fuse(self._spec)).with_outputs(REJECTED, main="items"))
         if len(results) == 1:
             return {"items": results[0].items, REJECTED: results[0][REJECTED]}
         return {"items": tuple(r.items for r in results),
@@ -1041,9 +1047,8 @@ class SampleQueryInputs(beam.PTransform):
 
         # Each stream is cut to its n best before they meet: the local runner materialises a Flatten,
         # which would hold every fused item's vectors.
-        picks = [stream | (f"KeyVectors{i}" if i else "KeyVectors") >> beam.Map(_keyed_vectors)
-                 | (f"PickSampleItems{i}" if i else "PickSampleItems") >> beam.combiners.Top.Smallest(n, key=by_rank)
-                 for i, stream in enumerate(streams(inputs["items"]))]
+        picks = each_stream(inputs["items"], "PickSampleItems",
+                            lambda: beam.Map(_keyed_vectors) | beam.combiners.Top.Smallest(n, key=by_rank))
         if "shards" in inputs:  # incremental runs: candidates among the carried items, from their shards
             picks.append(inputs["shards"] | "CarriedSamples" >> beam.FlatMap(lambda info: info.samples)
                          | "PickCarriedSamples" >> beam.combiners.Top.Smallest(n, key=by_rank))
@@ -1227,8 +1232,7 @@ class WriteAnnoyShards(beam.PTransform):
         n = self._num_shards
         items, carried = (inputs["items"], inputs.get("carried")) if isinstance(inputs, dict) else (inputs, None)
         # Each stream of items (see streams()) goes to its own staging files; only the file names meet.
-        staged = [stream | (f"StageByShard{i}" if i else "StageByShard") >> beam.ParDo(
-            _StageItems(self._version_dir, n)) for i, stream in enumerate(streams(items))]
+        staged = each_stream(items, "StageByShard", lambda: beam.ParDo(_StageItems(self._version_dir, n)))
         staged = staged[0] if len(staged) == 1 else tuple(staged) | "FlattenStagedFiles" >> beam.Flatten()
         slots = staged.pipeline | "ListShards" >> beam.Create([(i, None) for i in range(n)])
         grouped = {"staged": staged, "slot": slots}
