@@ -170,6 +170,16 @@ _abandoned_lock = threading.Lock()
 _abandoned_reads = 0
 
 
+def _forget_abandoned_reads():
+    """In a forked child: the stuck reads were threads of the parent, which the child does not have."""
+    global _abandoned_lock, _abandoned_reads  # pylint: disable=global-statement
+    _abandoned_lock = threading.Lock()
+    _abandoned_reads = 0
+
+
+os.register_at_fork(after_in_child=_forget_abandoned_reads)
+
+
 def _embedded_ipv4(addr):
     """The IPv4 address an IPv6 address carries traffic to, and how, or (None, None)."""
     if addr.ipv4_mapped is not None:
@@ -261,6 +271,12 @@ class _DaemonWorkers:
     """
 
     def __init__(self):
+        self._reset()
+        # A forked child has none of the parent's threads: idle workers counted there would take
+        # its tasks off a queue nobody reads, and every read would time out.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self):
         self._tasks = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0

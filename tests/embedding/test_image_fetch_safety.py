@@ -775,6 +775,40 @@ def test_stuck_reads_are_capped(store, monkeypatch, tmp_path):
     assert fetch_image_bytes(str(local), timeout=2) == PNG
 
 
+def _read_in_child(path, conn):
+    try:
+        conn.send(fetch_image_bytes(path, timeout=2) == PNG)
+    except Exception as exc:  # pylint: disable=broad-except
+        conn.send(f"{type(exc).__name__}: {exc}")
+
+
+def test_forked_child_reads_with_its_own_workers(store, monkeypatch, tmp_path):
+    """A child forked after reads (a process pool, Beam's multi-process runner) has none of the
+    parent's worker threads and none of its stuck reads: its own reads must neither wait for
+    workers that do not exist nor count the parent's abandoned reads."""
+    import multiprocessing
+
+    _, gate = store
+    local = tmp_path / "local.png"
+    local.write_bytes(PNG)
+    assert fetch_image_bytes(str(local), timeout=2) == PNG  # leaves an idle worker in this process
+    monkeypatch.setattr(images, "_MAX_ABANDONED_READS", 1)
+    monkeypatch.setattr(_StoreFileSystem, "gate", gate)
+    with pytest.raises(ImageFetchError):  # and one read stuck past its deadline
+        fetch_image_bytes(f"{STORE}://bucket/images/a.png", timeout=0.3)
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    child = ctx.Process(target=_read_in_child, args=(str(local), child_end))
+    child.start()
+    try:
+        assert parent_end.poll(10), "the child's read hung"
+        assert parent_end.recv() is True
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+
+
 @pytest.mark.parametrize("root_form", [f"{STORE}://bucket/images/", f"{STORE}://bucket/images"])
 def test_object_store_root(store, root_form):
     assert fetch_image_bytes(f"{STORE}://bucket/images/a.png", timeout=2, image_root=root_form) == PNG
