@@ -165,6 +165,25 @@ def make_fusion(spec: FusionSpec):
     return ProjectionFusion(spec) if spec.kind == PROJECTION else SavedModelFusion(spec)
 
 
+FUSION_ROWS = 32
+
+
+def fuse_fixed(fusion, text, text_mask, image, image_mask, rows: int = FUSION_ROWS) -> np.ndarray:
+    """``fusion(...)`` run on blocks of exactly ``rows`` rows (zero rows as filler), so that an item's
+    fused vector does not depend on how many items it was fused with: a matmul's last bits do (its
+    kernels block by the number of rows), and an incremental run fuses other groups of items than a
+    full run."""
+    n = len(text_mask)
+    out = []
+    for start in range(0, n, rows):
+        block = [np.asarray(a[start:start + rows], np.float32) for a in (text, text_mask, image, image_mask)]
+        fill = rows - len(block[1])
+        if fill:
+            block = [np.concatenate([a, np.zeros((fill, *a.shape[1:]), np.float32)]) for a in block]
+        out.append(np.asarray(fusion(*block))[:rows - fill])
+    return np.concatenate(out) if out else np.zeros((0, fusion.spec.dim), np.float32)
+
+
 class FusionModel(NamedTuple):
     """What ``--fusion-model`` named, resolved: the item tower, the query tower if any, training.json if any."""
 

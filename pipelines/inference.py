@@ -7,7 +7,7 @@ process, or per machine with ``--large-model``), batching and metrics.
 
 import logging
 import time
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 from apache_beam.metrics import Metrics
@@ -47,11 +47,13 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
         _log.info("loaded %s encoder %s in %.1fs", self._kind, self._handle, time.perf_counter() - start)
         return encoder
 
-    def run_inference(self, batch: Sequence[Any], model: Encoder, inference_args=None) -> Iterable[np.ndarray]:
+    def run_inference(self, batch: Sequence[Any], model: Encoder, inference_args=None,
+                      members: Optional[int] = None) -> Iterable[np.ndarray]:
+        """``members``: how many of ``batch`` are real inputs, the rest filler (the batch size metric)."""
         start = time.perf_counter()
         vectors = model.encode(batch if self._kind == TEXT else np.stack(batch))
         self._latency.update(int((time.perf_counter() - start) * 1000))
-        self._batch_size.update(len(batch))
+        self._batch_size.update(len(batch) if members is None else members)
         return list(vectors)
 
     def get_num_bytes(self, batch) -> int:
@@ -70,38 +72,45 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
 
 
 class BatchFailure(NamedTuple):
-    """What WholeBatches gives back for a batch the encoder raised on."""
+    """What WholeBatches gives back, in place of a vector, for an input whose model batch failed."""
 
     error: BaseException
+    inputs: int  # how many inputs that model batch held
 
 
 class WholeBatches(ModelHandler[Sequence[Any], list, Encoder]):
-    """A handler whose example is a whole prepared batch: one list of inputs in, one list of vectors out.
+    """A handler whose example is a whole list of inputs: one list in, one list of vectors out.
 
     Wrapped in ``KeyedModelHandler(...).with_no_batching()``, RunInference then takes one element
-    ``[(key, inputs)]`` per batch and gives back ``(key, vectors)``: the key (the batch's own record)
-    travels with its vectors through the encoder, so what follows needs no join by item id. An empty
-    batch gives ``[]`` without calling the encoder. A batch the encoder raises on gives
-    ``BatchFailure(error)`` in place of its vectors, on the main output: RunInference's dead letter is a
-    second output, and merging it back (a Flatten) makes Beam's local runner hold every batch's
-    vectors in memory until all are encoded. Anything else (the model failing to load) still fails the run.
+    ``[(key, inputs)]`` per list and gives back ``(key, vectors)``: the key (the list's own record)
+    travels with its vectors through the encoder, so what follows needs no join by item id. Each list
+    is encoded in model batches of exactly ``batch_size`` rows (``Encoder.fixed_batches``), so an
+    input's vector does not depend on what else it was encoded with. An empty list gives ``[]``. An
+    input whose model batch the encoder raised on gets ``BatchFailure`` in place of its vector, on the
+    main output: RunInference's dead letter is a second output, and merging it back (a Flatten) makes
+    Beam's local runner hold every vector in memory until all are encoded. Anything else (the model
+    failing to load) still fails the run.
     """
 
-    def __init__(self, handler: EncoderModelHandler):
+    def __init__(self, handler: EncoderModelHandler, batch_size: int):
         super().__init__()
         self._handler = handler
+        self._fixed = batch_size
 
     def load_model(self) -> Encoder:
         return self._handler.load_model()
 
     def _encode(self, inputs, model, inference_args):
-        if not inputs:
-            return []
-        try:
-            return self._handler.run_inference(inputs, model, inference_args)
-        except Exception as e:  # one batch's failure rejects that batch's items, not the run
-            _log.warning("%s encoder failed on a batch of %d: %s", self._handler.kind, len(inputs), e)
-            return BatchFailure(e)
+        out = [None] * len(inputs)
+        for indices, batch in model.fixed_batches(inputs, self._fixed):
+            try:
+                vectors = self._handler.run_inference(batch, model, inference_args, members=len(indices))
+            except Exception as e:  # one model batch's failure rejects its items, not the run
+                _log.warning("%s encoder failed on a batch of %d: %s", self._handler.kind, len(indices), e)
+                vectors = [BatchFailure(e, len(indices))] * len(batch)
+            for k, i in enumerate(indices):
+                out[i] = vectors[k]
+        return out
 
     def run_inference(self, batch: Sequence[Sequence[Any]], model: Encoder, inference_args=None) -> Iterable[list]:
         return [self._encode(inputs, model, inference_args) for inputs in batch]

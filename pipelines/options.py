@@ -286,11 +286,13 @@ class IndexOptions(PipelineOptions):
 # size), the fusion and dimension (conservative: vectors are fused again anyway), and these options.
 # --max-image-pixels decides which images decode at all; --image-root and --allow-private-image-hosts
 # which images may be read (an image reused without a fetch must still be one this run may read).
-# Not here: the batch size (encoders' last bits only, see the README), shards, trees, seed and limits.
-VECTOR_OPTIONS = ("max_image_pixels", "image_root", "allow_private_image_hosts")
+# --batch-size is the rows of every model batch (Encoder.fixed_batches): a vector's last bits depend on it,
+# and a reused vector must equal what this run would compute. Not here: shards, trees, seed and limits.
+VECTOR_OPTIONS = ("max_image_pixels", "image_root", "allow_private_image_hosts", "batch_size")
 # Bump when what an encoder sees for the same text or image bytes changes (item_text's cut, image
-# decoding, crop or resize): the manifest records it and vectors of another value are never reused.
-PREPROCESSING_VERSION = 1
+# decoding, crop or resize, how inputs are batched into the model): the manifest records it and vectors
+# of another value are never reused. 2: fixed-shape model batches, fusion in fixed blocks.
+PREPROCESSING_VERSION = 2
 
 
 def vector_identity(encoders: dict, fusion: dict, dimension: int, options: dict, preprocessing) -> dict:

@@ -502,15 +502,25 @@ class _TextBuckets(beam.CombineFn):
         return text, tuple(sorted(buckets))
 
 
-def _cut_text_batches(element, batch_size):
-    """(group, [((text key, buckets), text)]) -> batches for the text encoder.
+def _text_group(element):
+    """(group, [((text key, buckets), text)]) -> [(records, texts)]: one keyed example for the text encoder.
 
-    Sorted by length so a batch pads to similar lengths (shuffled lengths halved
-    MiniLM's throughput on the Grocery texts), then by key for a stable order."""
+    In length order, then key order: a stable order, and where the encoder cannot count its tokens
+    (Encoder.fixed_batches), neighbours of similar length share model batches (shuffled lengths halved
+    MiniLM's throughput on the Grocery texts)."""
     _, texts = element
     texts = sorted(texts, key=lambda kt: (len(kt[1]), kt[0][0]))
-    for start in range(0, len(texts), batch_size):
-        yield texts[start:start + batch_size]
+    return [([kt[0] for kt in texts], [kt[1] for kt in texts])]  # one keyed example, unbatched
+
+
+# Distinct texts per text group, about: big groups leave fewer model batches part-filled (each group
+# fills one per token-length class), and a group is one example for the encoder.
+TEXTS_PER_GROUP = 8192
+
+
+def text_groups(num_buckets: int, batch_size: int) -> int:
+    """How many groups the distinct texts are encoded in (num_buckets holds ~8 batches of items)."""
+    return max(1, -(-num_buckets * batch_size * 8 // TEXTS_PER_GROUP))
 
 
 STAGE_TEXT_BYTES = 32 << 20  # text vectors held per worker before they go to a staging file
@@ -541,7 +551,8 @@ class _Staging(beam.DoFn):
 
 
 class _StageTextVectors(_Staging):
-    """((text key, buckets), vector) -> text vectors in staging files; (bucket, TextRef) out.
+    """(records, vectors) of a text group -> text vectors in staging files; (bucket, TextRef) out, and
+    FAILED (bucket, (text key, (reason, message))) for texts whose model batch failed.
 
     Vectors wait per bundle until about ``max_bytes`` are held (or the bundle ends); then one file
     ``<release>/_staging/text/<uuid>.f32`` holds them sorted by bucket, one row per bucket that needs
@@ -550,6 +561,8 @@ class _StageTextVectors(_Staging):
     when the vectors went through it. A retried bundle leaves a file nothing names; the staging
     folder goes once every shard is written.
     """
+
+    FAILED = "failed"
 
     def __init__(self, version_dir: str, max_bytes: Optional[int] = None):
         self._dir = shd.text_staging_dir(version_dir)
@@ -560,10 +573,16 @@ class _StageTextVectors(_Staging):
         self._held, self._bytes = [], 0
 
     def process(self, element):
-        (key, buckets), vector = element
-        for bucket in buckets:
-            self._held.append((bucket, key, vector))
-        self._bytes += vector.nbytes * len(buckets)
+        records, vectors = element
+        for (key, buckets), vector in zip(records, vectors):
+            if isinstance(vector, inference.BatchFailure):
+                failure = _encoder_failure(vector)
+                for bucket in buckets:
+                    yield beam.pvalue.TaggedOutput(self.FAILED, (bucket, (key, failure)))
+                continue
+            for bucket in buckets:
+                self._held.append((bucket, key, vector))
+            self._bytes += vector.nbytes * len(buckets)
         if self._bytes >= self._max_bytes:
             yield from self._flush()
 
@@ -603,13 +622,6 @@ def read_text_refs(refs) -> dict:
     return vectors
 
 
-def _send_text_failures(element):
-    """RunInference's dead letter for a text batch -> (bucket, (text key, failure)) per text and bucket."""
-    for (key, buckets), failure in _failed_batch(element):
-        for bucket in buckets:
-            yield bucket, (key, failure)
-
-
 class _KeyTexts(beam.DoFn):
     """_texts_by_key as a DoFn (Beam's type inference reads a FlatMap's tagged outputs as its main type)."""
 
@@ -618,39 +630,44 @@ class _KeyTexts(beam.DoFn):
 
 
 class _EncodeTexts(beam.PTransform):
-    """Encodes each distinct text once, in deterministic length-sorted batches.
+    """Encodes each distinct text once, in fixed-shape model batches.
 
     Catalogs repeat texts (variants sharing a title and description; the
     Grocery train split has 81 distinct texts for 2,640 items), and the text
     encoder costs as much as the image encoder, so identical texts are grouped
     by sha256 and encoded once; each vector then goes to a staging file under
     ``version_dir`` once for each bucket with an item that has the text
-    (_StageTextVectors). Outputs {"vectors": (bucket, TextRef), FAILED:
-    (bucket, (text key, (reason, message)))}; reused texts never reach the encoder.
+    (_StageTextVectors). The distinct texts are spread over ``text_groups``
+    groups by sha256; each group is one example for the encoder, which cuts it
+    into model batches whose shape depends on each text alone
+    (Encoder.fixed_batches): a text's vector is the same whatever else the
+    catalog holds, so reused and re-encoded vectors agree bit for bit.
+    Outputs {"vectors": (bucket, TextRef), FAILED: (bucket, (text key, (reason,
+    message)))}; reused texts never reach the encoder.
     """
 
-    FAILED = "failed"
+    FAILED = _StageTextVectors.FAILED
 
-    def __init__(self, handler, num_buckets, batch_size, version_dir):
+    def __init__(self, handler, num_groups, version_dir):
         super().__init__()
         self._handler = handler
-        self._num_buckets = num_buckets
-        self._batch_size = batch_size
+        self._num_groups = num_groups
         self._version_dir = version_dir
 
     def expand(self, batches):
-        nb = self._num_buckets
-        unique_batches = (
+        ng = self._num_groups
+        staged = (
             batches
             | "KeyTexts" >> beam.ParDo(_KeyTexts())
             | "ListTextBuckets" >> beam.CombinePerKey(_TextBuckets())
-            | "KeyTextGroups" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % nb, ((kv[0], kv[1][1]), kv[1][0])))
+            | "KeyTextGroups" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % ng, ((kv[0], kv[1][1]), kv[1][0])))
             | "GroupTexts" >> beam.GroupByKey()
-            | "CutTextBatches" >> beam.FlatMap(_cut_text_batches, self._batch_size)
+            | "ListGroupTexts" >> beam.Map(_text_group)
+            | "RunTextEncoder" >> RunInference(self._handler)
+            | "StageTextVectors" >> beam.ParDo(_StageTextVectors(self._version_dir)).with_outputs(
+                self.FAILED, main="vectors")
         )
-        vectors, dlq = unique_batches | "RunTextEncoder" >> RunInference(self._handler).with_exception_handling()
-        return {"vectors": vectors | "StageTextVectors" >> beam.ParDo(_StageTextVectors(self._version_dir)),
-                self.FAILED: dlq.failed_inferences | "SendTextFailures" >> beam.FlatMap(_send_text_failures)}
+        return {"vectors": staged.vectors, self.FAILED: staged[self.FAILED]}
 
 
 def _failure_text(exc) -> str:
@@ -667,6 +684,11 @@ def _failure_text(exc) -> str:
     return str(exc)[:1000]
 
 
+def _encoder_failure(failure) -> tuple:
+    """inference.BatchFailure -> the (reason, message) its inputs are rejected with."""
+    return rej.ENCODER_FAILED, f"encoder failed on a batch of {failure.inputs}: {_failure_text(failure.error)}"
+
+
 def _failed_batch(element):
     """RunInference DLQ entry (batch of (key, input), exception) -> one failure per key."""
     batch, exc = element
@@ -678,7 +700,7 @@ def _failed_batch(element):
 class _Assemble(beam.DoFn):
     """Puts one batch's items together with their vectors and failures.
 
-    Input: (_Images, image vectors in _Images.ids order, or inference.BatchFailure).
+    Input: (_Images, image vectors in _Images.ids order, inference.BatchFailure for those that failed).
     Decides per item: indexed, indexed but degraded (image failed, title present),
     or rejected. Yields the batch's EncodedItems as one list. In an incremental
     run, items whose every vector is reused (and that have the vectors their previous rows
@@ -695,11 +717,12 @@ class _Assemble(beam.DoFn):
         loaded, vectors = element
         batch = loaded.batch
         encode_failed = dict(batch.text_failed)
-        if isinstance(vectors, inference.BatchFailure):
-            message = f"encoder failed on a batch of {len(loaded.ids)}: {_failure_text(vectors.error)}"
-            encode_failed.update((item_id, (rej.ENCODER_FAILED, message)) for item_id in loaded.ids)
-            vectors = []
-        image = dict(zip(loaded.ids, vectors))
+        image = {}
+        for item_id, vector in zip(loaded.ids, vectors):
+            if isinstance(vector, inference.BatchFailure):
+                encode_failed[item_id] = _encoder_failure(vector)
+            else:
+                image[item_id] = vector
         text_keys, previous, text = batch.text_keys, batch.previous, batch.text
         out, carried = [], []
         for row in batch.rows:
@@ -818,13 +841,14 @@ class EncodeItems(beam.PTransform):
         self._previous_parts = tuple(previous_parts)
         self._fetch_options = {"timeout": image_timeout, "allow_private_hosts": allow_private_hosts,
                                "image_root": image_root}
-        # Batches are formed upstream (BatchItems), so RunInference must not re-batch: texts come as
-        # lists of (text key, text); a batch's images as one example, keyed by the batch.
-        self._text = KeyedModelHandler(inference.EncoderModelHandler(
-            text_encoder, enc.TEXT, large_model=large_model, model_cache=model_cache)).with_no_batching()
+        # Inputs are grouped upstream, so RunInference must not re-batch: a group of distinct texts, or a
+        # batch's images, is one example keyed by its records, encoded in fixed-shape model batches.
+        self._text = KeyedModelHandler(inference.WholeBatches(inference.EncoderModelHandler(
+            text_encoder, enc.TEXT, large_model=large_model, model_cache=model_cache),
+            batch_size)).with_no_batching()
         self._image = KeyedModelHandler(inference.WholeBatches(inference.EncoderModelHandler(
             image_encoder, enc.IMAGE, image_size=image_size, large_model=large_model,
-            model_cache=model_cache))).with_no_batching()
+            model_cache=model_cache), batch_size)).with_no_batching()
         self._image_size = tuple(image_size)
         self._num_buckets = num_buckets
         self._batch_size = batch_size
@@ -832,8 +856,8 @@ class EncodeItems(beam.PTransform):
         self._reject_on_image_error = reject_on_image_error
 
     def expand(self, batches):
-        texts = batches | "EncodeTexts" >> _EncodeTexts(self._text, self._num_buckets, self._batch_size,
-                                                              self._staging_dir)
+        texts = batches | "EncodeTexts" >> _EncodeTexts(
+            self._text, text_groups(self._num_buckets, self._batch_size), self._staging_dir)
         # The join needs ids, titles and provenance, not the descriptions nor the previous vectors: leave
         # them behind, keeping each text's sha256 (the embeddings table's text_sha256).
         slim = batches | "DropDescriptions" >> beam.Map(_slim_batch)
@@ -901,7 +925,7 @@ class _Fuse(beam.DoFn):
                 text[i], text_mask[i] = it.text_embedding, 1.0
             if it.image_embedding is not None:
                 image[i], image_mask[i] = it.image_embedding, 1.0
-        fused = self._fusion(text, text_mask, image, image_mask)
+        fused = fus.fuse_fixed(self._fusion, text, text_mask, image, image_mask)
         ok = np.isfinite(fused).all(axis=1) & (np.linalg.norm(fused, axis=1) > 0.5)
         for i, it in enumerate(batch):
             if not ok[i]:

@@ -64,3 +64,17 @@ def test_fresh_process_loads_a_model_that_needs_tensorflow_text(builtin_cache, t
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("(1, 512) 1.0")
+
+
+def test_fixed_batches_without_a_tokenizer_fix_the_batch_size(tiny_encoders):
+    """The tiny text encoder has no tokenize function: batches in the given order, filled with empty texts."""
+    text = enc.Encoder(tiny_encoders[0], enc.TEXT)
+    assert text.token_counts(["a"]) is None
+    assert list(text.fixed_batches(["a", "bb", "ccc"], 2)) == [([0, 1], ["a", "bb"]), ([2], ["ccc", ""])]
+    assert list(text.fixed_batches([], 2)) == []
+    image = enc.Encoder(tiny_encoders[1], enc.IMAGE, image_size=(32, 32))
+    pixels = [np.full((32, 32, 3), v, np.float32) for v in (0.1, 0.2, 0.3)]
+    got = list(image.fixed_batches(pixels, 2))
+    assert [i for i, _ in got] == [[0, 1], [2]]
+    assert [len(b) for _, b in got] == [2, 2]
+    np.testing.assert_array_equal(got[1][1][1], np.zeros((32, 32, 3), np.float32))

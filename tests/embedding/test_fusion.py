@@ -92,3 +92,22 @@ def test_specs_round_trip_through_their_manifest_json():
     assert fus.FusionSpec.from_json(saved.to_json()) == dataclasses.replace(saved, seed=0)
     spec = enc.EncoderSpec(enc.IMAGE, "builtin:x", 12, "sha256:" + "b" * 64, (32, 32))
     assert enc.EncoderSpec.from_json(enc.IMAGE, dict(spec.to_json(), chosen_by={"rule": "auto"})) == spec
+
+
+def test_fuse_fixed_runs_blocks_of_fixed_rows_so_an_item_keeps_its_bits():
+    """Each item fused in a block of exactly `rows` rows (zero rows as filler): the same item fused among
+    5 or among 2 others gets the same bits, equal to the fusion of its padded block, and close to the
+    fusion computed alone."""
+    rng = np.random.default_rng(3)
+    t, i = rng.normal(size=(7, 6)).astype(np.float32), rng.normal(size=(7, 4)).astype(np.float32)
+    tm, im = np.ones(7, np.float32), np.array([1, 0, 1, 1, 0, 1, 1], np.float32)
+    f = fus.ProjectionFusion(spec())
+    out = fus.fuse_fixed(f, t, tm, i, im, rows=4)
+    assert out.shape == (7, 16)
+    np.testing.assert_array_equal(out[:4], f(t[:4], tm[:4], i[:4], im[:4]))
+    pad = lambda a: np.concatenate([a[4:], np.zeros((1, *a.shape[1:]), np.float32)])  # noqa: E731
+    np.testing.assert_array_equal(out[4:], f(pad(t), pad(tm), pad(i), pad(im))[:3])
+    again = fus.fuse_fixed(f, t[5:7], tm[5:7], i[5:7], im[5:7], rows=4)
+    np.testing.assert_array_equal(again, out[5:7])
+    np.testing.assert_allclose(out[6], f(t[6:7], tm[6:7], i[6:7], im[6:7])[0], atol=1e-6)
+    assert fus.fuse_fixed(f, t[:0], tm[:0], i[:0], im[:0]).shape == (0, 16)

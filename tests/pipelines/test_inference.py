@@ -21,31 +21,44 @@ def test_model_handler_encodes_batches_one_vector_per_example(tiny_encoders):
     assert ih.get_num_bytes(images) == 2 * 32 * 32 * 3 * 4
 
 
-def test_whole_batches_encodes_each_example_as_one_batch(tiny_encoders):
-    """One example is a whole batch: one list of vectors per example, equal to encoding that batch alone."""
+def test_whole_batches_encodes_each_example_in_fixed_size_model_batches(tiny_encoders):
+    """One example is a list of inputs: one list of vectors per example, each input encoded in a model
+    batch of exactly batch_size rows (zero images as filler), so its vector does not depend on the
+    list it came in."""
     inner = inference.EncoderModelHandler(tiny_encoders[1], enc.IMAGE, image_size=(32, 32))
-    handler = inference.WholeBatches(inner)
+    handler = inference.WholeBatches(inner, batch_size=4)
     model = handler.load_model()
     rng = np.random.default_rng(7)
     first = [rng.random((32, 32, 3), dtype=np.float32) for _ in range(3)]
-    second = [rng.random((32, 32, 3), dtype=np.float32)]
+    second = [rng.random((32, 32, 3), dtype=np.float32) for _ in range(5)]
     out = handler.run_inference([first, second], model)
-    assert [len(v) for v in out] == [3, 1]
-    np.testing.assert_array_equal(np.stack(out[0]), model.encode(np.stack(first)))
-    np.testing.assert_array_equal(np.stack(out[1]), model.encode(np.stack(second)))
-    assert handler.get_num_bytes([first, second]) == 4 * 32 * 32 * 3 * 4
+    assert [len(v) for v in out] == [3, 5]
+    zero = np.zeros((32, 32, 3), np.float32)
+    np.testing.assert_array_equal(np.stack(out[0]), model.encode(np.stack(first + [zero]))[:3])
+    np.testing.assert_array_equal(np.stack(out[1][:4]), model.encode(np.stack(second[:4])))
+    np.testing.assert_array_equal(np.stack(out[1][4:]), model.encode(np.stack(second[4:] + [zero] * 3))[:1])
+    # The same image in another list, at another place: the same bits.
+    again = handler.run_inference([[second[1], first[0]]], model)[0]
+    np.testing.assert_array_equal(again[0], out[1][1])
+    np.testing.assert_array_equal(again[1], out[0][0])
+    assert handler.get_num_bytes([first, second]) == 8 * 32 * 32 * 3 * 4
     assert handler.get_metrics_namespace() == inner.get_metrics_namespace()
 
 
-def test_whole_batches_gives_empty_batches_nothing_and_a_failing_batch_its_failure(tiny_encoders):
-    """An empty batch is not encoded; a batch the encoder raises on comes back as BatchFailure in its
-    place, the other batches of the same call encoded as usual."""
+def test_whole_batches_gives_empty_lists_nothing_and_a_failing_batch_its_failure(tiny_encoders):
+    """An empty list is not encoded; inputs of a model batch the encoder raises on come back as
+    BatchFailure in place of their vectors, the other batches of the same call encoded as usual."""
     inner = inference.EncoderModelHandler(tiny_encoders[1], enc.IMAGE, image_size=(32, 32))
-    handler = inference.WholeBatches(inner)
+    handler = inference.WholeBatches(inner, batch_size=2)
     model = handler.load_model()
     good = [np.full((32, 32, 3), 0.5, np.float32)]
     wrong_shape = [np.zeros((7, 7, 3), np.float32)]
-    out = handler.run_inference([[], wrong_shape, good], model)
+    out = handler.run_inference([[], wrong_shape, good, good + wrong_shape + good], model)
     assert out[0] == []
-    assert isinstance(out[1], inference.BatchFailure) and isinstance(out[1].error, Exception)
-    np.testing.assert_array_equal(np.stack(out[2]), model.encode(np.stack(good)))
+    assert isinstance(out[1][0], inference.BatchFailure) and isinstance(out[1][0].error, Exception)
+    assert out[1][0].inputs == 1
+    np.testing.assert_array_equal(out[2][0], model.encode(np.stack(good + [np.zeros((32, 32, 3), np.float32)]))[0])
+    # The mixed list: its first model batch (good, wrong) fails, the second (good + filler) does not.
+    assert [type(v).__name__ for v in out[3]] == ["BatchFailure", "BatchFailure", "ndarray"]
+    assert out[3][0].inputs == 2
+    np.testing.assert_array_equal(out[3][2], out[2][0])

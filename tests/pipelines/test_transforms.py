@@ -10,6 +10,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
 from embedding import fusion as fus
+from pipelines import inference
 from pipelines import shards as shd
 from pipelines import transforms as tr
 from schemas import rejected as rej
@@ -257,10 +258,19 @@ def test_text_vectors_go_through_staging_files_bit_for_bit_and_only_references_c
     rng = np.random.default_rng(5)
     texts = {f"k{n:02d}": (tuple(sorted({int(b) for b in rng.integers(0, 4, size=1 + n % 3)})),
                            rng.normal(size=6).astype(np.float32)) for n in range(20)}
-    elements = [((key, buckets), vector) for key, (buckets, vector) in texts.items()]
+    items = [((key, buckets), vector) for key, (buckets, vector) in texts.items()]
+    failure = inference.BatchFailure(ValueError("no"), 2)
+    items.insert(7, (("kfail", (1, 3)), failure))  # a text whose model batch failed
+    groups = [items[:9], items[9:15], items[15:]]  # (records, vectors) per text group, as RunInference gives
+    elements = [([r for r, _ in g], [v for _, v in g]) for g in groups]
     with TestPipeline() as p:
-        refs = (p | beam.Create(elements)
-                | beam.ParDo(tr._StageTextVectors(str(tmp_path), max_bytes=6 * 4 * 5)))
+        staged = (p | beam.Create(elements)
+                  | beam.ParDo(tr._StageTextVectors(str(tmp_path), max_bytes=6 * 4 * 5)).with_outputs(
+                      tr._StageTextVectors.FAILED, main="refs"))
+        refs = staged.refs
+        failed = staged[tr._StageTextVectors.FAILED]
+        assert_that(failed, equal_to([(b, ("kfail", (rej.ENCODER_FAILED, "encoder failed on a batch of 2: ValueError: no")))
+                                      for b in (1, 3)]), label="FailuresPerBucket")
         checked = refs | beam.Map(lambda kv: (isinstance(kv[1], tr.TextRef), kv[1].dim))
         assert_that(checked | beam.Distinct(), equal_to([(True, 6)]), label="OnlyReferences")
         got = (refs | beam.GroupByKey()

@@ -108,6 +108,65 @@ def test_a_batch_of_mixed_lengths_equals_one_by_one(model):
         np.testing.assert_allclose(batch[i], embed(model, [text])[0], atol=1e-5, err_msg=repr(text))
 
 
+def _encode_fixed(encoder, texts, batch_size):
+    """What the pipeline's RunInference handler does with one group of texts (pipelines/inference.py)."""
+    out = [None] * len(texts)
+    for indices, batch in encoder.fixed_batches(texts, batch_size):
+        assert len(batch) == batch_size
+        vectors = encoder.encode(batch)
+        for k, i in enumerate(indices):
+            out[i] = vectors[k]
+    return out
+
+
+def test_fixed_batches_give_a_text_the_same_bits_whatever_shares_its_batch(export_dir):
+    """A text's vector must not depend on the other texts of the catalog: an incremental run reuses the
+    vector computed in last night's batches, and must equal a full run. Plainly batched, MiniLM's last
+    bits change with the batch's longest text and its row count (80 of 96 contexts differed in a
+    measurement); fixed_batches runs each text in a batch of fixed rows padded to its own length class."""
+    import random
+
+    encoder = enc.Encoder(export_dir, enc.TEXT)
+    rng = random.Random(5)
+    words = ("organic oat drink barista edition unsweetened almond litre carton glass jar honey "
+             "wildflower raw spread crunchy peanut butter salted whole grain bread sliced rye").split()
+    pool = sorted({" ".join(rng.choice(words) for _ in range(rng.randint(1, 70))) for _ in range(160)})
+    targets = pool[:12]
+    first = None
+    for trial in range(4):
+        others = rng.sample(pool[12:], rng.randint(5, 60))
+        catalog = targets + others
+        rng.shuffle(catalog)
+        vectors = dict(zip(catalog, _encode_fixed(encoder, catalog, 8)))
+        got = np.stack([vectors[t] for t in targets])
+        if first is None:
+            first = got
+        else:
+            np.testing.assert_array_equal(got, first, err_msg=f"context {trial}")
+    # Against an independent computation: each text alone in its own padded batch.
+    for t, v in zip(targets, first):
+        np.testing.assert_allclose(v, encoder.encode([t])[0], atol=1e-5)
+
+
+def test_fixed_batches_keep_one_length_class_per_batch(export_dir):
+    encoder = enc.Encoder(export_dir, enc.TEXT)
+    texts = ["tea", "", "red apple juice", "a b c d e f g h i j k l", "x " * 300, "green tea"]
+    counts = encoder.token_counts(texts)
+    assert counts == [3, 2, 5, 14, 256, 4]  # [CLS] pieces [SEP]; truncated at max_seq_length
+    seen = []
+    for indices, batch in encoder.fixed_batches(texts, 4):
+        classes = {-(-counts[i] // enc.TOKEN_CLASS) for i in indices}
+        assert len(classes) == 1 and len(batch) == 4
+        width = classes.pop() * enc.TOKEN_CLASS
+        # The filler makes the padded length exactly the class's width: the longest text has `width` tokens.
+        assert max(encoder.token_counts(batch)) == width
+        assert batch[:len(indices)] == [texts[i] for i in indices]
+        seen += indices
+    assert sorted(seen) == list(range(len(texts)))
+    # Classes 8 (tea, "", juice, green tea: 4 texts > 3 of room), 16 and 256.
+    assert [len(i) for i, _ in encoder.fixed_batches(texts, 4)] == [3, 1, 1, 1]
+
+
 def test_empty_string_is_cls_sep(model):
     assert token_ids(model, ["", "   \t\n", "\u200b"]) == [[CLS, SEP]] * 3
     v = embed(model, [""])
