@@ -312,7 +312,8 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
     previous = p | "ReadPrevious" >> reuse.ReadPrevious(plan.reuse.embeddings) if plan.reuse is not None else None
     previous_parts = plan.reuse.embeddings if plan.reuse is not None else ()
     # One row per item_id (duplicates rejected) in deterministic batches.
-    batched = valid["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size, previous)
+    batched = valid["items"] | "BatchItems" >> tr.BatchItems(buckets, opts.batch_size, previous,
+                                                             staging_dir=staging)
     batches = batched["batches"]
     encoded = batches | "EncodeItems" >> tr.EncodeItems(
         plan.text_encoder.handle, plan.image_encoder.handle, plan.image_encoder.image_size, buckets,

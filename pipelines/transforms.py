@@ -249,12 +249,13 @@ def _pick_first(rows):
 # ---------------------------------------------------------------------------
 # BatchItems, EncodeItems, FuseEmbeddings
 #
-# Encoders give results that differ in the last bit with the composition of a
-# batch (oneDNN / cuDNN pick kernels by shape). So that identical input gives
-# identical vectors, and so identical Annoy files, batches are not left to
-# BatchElements' timing: items are grouped by a stable hash of item_id into
-# buckets, sorted, and cut into fixed-size batches, and the same batches flow
-# through both encoders, the join and the fusion.
+# Items are grouped by a stable hash of item_id into buckets, sorted, and cut
+# into batches of at most batch_size, and the same batches flow through image
+# loading, the join with their texts' vectors and the fusion: a deterministic
+# order, and no item waits for the whole catalog. Vectors do not depend on the
+# batches: encoders and fusion run on fixed-shape model batches
+# (Encoder.fixed_batches, fusion.fuse_fixed), since oneDNN / cuDNN pick kernels
+# by shape and a vector's last bits would otherwise move with its batch mates.
 
 
 def _unique_rows(rows):
@@ -274,8 +275,8 @@ def _unique_rows(rows):
 
 
 def _cut_batches(element, batch_size):
-    bucket, rows = element
-    rows, duplicates = _unique_rows(rows)
+    bucket, refs = element
+    rows, duplicates = _unique_rows(read_staged(refs))
     for dup in duplicates:
         yield beam.pvalue.TaggedOutput(REJECTED, dup)
     rows.sort(key=lambda r: r.item_id)
@@ -317,6 +318,118 @@ def batch_previous(batch) -> dict:
     return batch[2] if len(batch) > 2 else {}
 
 
+class _Staging(beam.DoFn):
+    """A DoFn that holds a bundle's elements and writes them to staging files in ``_flush`` (a generator of
+    what goes downstream) whenever about ``max_bytes`` are held, and at the end of the bundle."""
+
+    def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+        self._held, self._bytes = [], 0
+
+    def start_bundle(self):
+        self._held, self._bytes = [], 0
+
+    def _hold(self, value, nbytes: int) -> bool:
+        """Holds ``value``; True when enough is held to flush."""
+        self._held.append(value)
+        self._bytes += nbytes
+        return self._bytes >= self._max_bytes
+
+    def _take(self) -> list:
+        """What is held, in arrival order; nothing is held afterwards."""
+        held, self._held, self._bytes = self._held, [], 0
+        return held
+
+    def _flush(self):
+        raise NotImplementedError
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        for element in self._flush():
+            yield GlobalWindows.windowed_value(element)
+
+
+STAGE_BYTES = 32 << 20  # rows or batches held per worker before they go to a staging file
+
+
+class StagedRef(NamedTuple):
+    """One bucket's values from one staging file: a pickled list at bytes offset..offset+size."""
+
+    path: str
+    offset: int
+    size: int
+
+
+def _row_bytes(row) -> int:
+    """Rough memory of a CatalogRow waiting to be staged."""
+    return 200 + sum(len(v) for v in (row.item_id, row.title, row.description, row.image_uri, row.source)
+                     if isinstance(v, str))
+
+
+def _batch_bytes(batch) -> int:
+    """Rough memory of a slim batch (rows without descriptions, text keys, previous rows) waiting to be staged."""
+    rows, keys, previous = batch
+    return sum(_row_bytes(r) for r in rows) + 150 * len(keys) + 300 * len(previous)
+
+
+class _StageByBucket(_Staging):
+    """(bucket, value) -> values in staging files; (bucket, StagedRef) out.
+
+    The values of a bundle wait until about ``max_bytes`` are held (``sizer`` tells a value's size) or
+    the bundle ends, then go to one file ``<release>/_staging/<kind>/<uuid>.pkl`` grouped by bucket,
+    each bucket's values one pickled list, and each bucket gets one StagedRef. Only the references go
+    through the shuffle that gathers a bucket: the local runner holds a shuffle in memory, and every
+    catalog row (descriptions included) used to wait there until the last one was read. Pickle, not
+    Parquet: values come back exactly as they were, and the files are this run's own, read by it alone.
+    """
+
+    def __init__(self, version_dir: str, kind: str, sizer, max_bytes: Optional[int] = None):
+        super().__init__(STAGE_BYTES if max_bytes is None else max_bytes)
+        self._dir = files.join(shd.staging_dir(version_dir), kind)
+        self._sizer = sizer
+
+    def process(self, element):
+        if self._hold(element, self._sizer(element[1])):
+            yield from self._flush()
+
+    def _flush(self):
+        import pickle
+        import uuid
+
+        held = self._take()
+        if not held:
+            return
+        by_bucket = {}
+        for bucket, value in held:
+            by_bucket.setdefault(bucket, []).append(value)
+        path = files.join(self._dir, f"{uuid.uuid4().hex}.pkl")
+        refs, offset = [], 0
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            for bucket in sorted(by_bucket):
+                blob = pickle.dumps(by_bucket[bucket], protocol=pickle.HIGHEST_PROTOCOL)
+                f.write(blob)
+                refs.append((bucket, StagedRef(path, offset, len(blob))))
+                offset += len(blob)
+        yield from refs
+
+
+def read_staged(refs) -> list:
+    """The values behind a bucket's StagedRefs (one ranged read per reference), in a stable order."""
+    import pickle
+
+    values = []
+    for ref in sorted(refs):
+        with FileSystems.open(ref.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.seek(ref.offset)
+            data = f.read(ref.size)
+        if len(data) != ref.size:
+            raise CatalogIndexError(f"staging file {ref.path} is short: {len(data)} of {ref.size} bytes "
+                                    f"at offset {ref.offset}")
+        values.extend(pickle.loads(data))
+    return values
+
+
 class BatchItems(beam.PTransform):
     """CatalogRow -> {"batches": (bucket, [CatalogRow]), "rejected": Rejection}: one row per item_id (the
     first file by path, then the lowest row; the others rejected as duplicates), in deterministic
@@ -324,18 +437,22 @@ class BatchItems(beam.PTransform):
 
     With ``previous`` ((item_id, reuse.Previous) of a previous version, pipelines/reuse.py), each batch
     is (bucket, rows, {item_id: Previous}) for its items that have one. The batches are the same
-    either way: they depend on the catalog only.
+    either way: they depend on the catalog only. The rows wait in staging files under ``staging_dir``
+    (_StageByBucket): only references to them go through the shuffle by bucket.
     """
 
-    def __init__(self, num_buckets: int, batch_size: int, previous=None):
+    def __init__(self, num_buckets: int, batch_size: int, previous=None, *, staging_dir: str):
         super().__init__()
         self._num_buckets = num_buckets
         self._batch_size = batch_size
         self._previous = previous
+        self._staging_dir = staging_dir
 
     def expand(self, items):
         nb = self._num_buckets
-        keyed = items | "KeyByBucket" >> beam.Map(lambda r: (shd.stable_shard(r.item_id, nb), r))
+        keyed = (items
+                 | "KeyByBucket" >> beam.Map(lambda r: (shd.stable_shard(r.item_id, nb), r))
+                 | "StageRows" >> beam.ParDo(_StageByBucket(self._staging_dir, "rows", _row_bytes)))
         if self._previous is None:
             grouped = keyed | "GroupByBucket" >> beam.GroupByKey()
         else:
@@ -374,7 +491,7 @@ def _split_joined(element):
     vector (or failure) of its text when the text was encoded in this run (reused ones were not)."""
     _, joined = element
     text, failed = read_text_refs(joined["text"]), dict(joined["text_failed"])  # by text key
-    for rows, keys, previous in sorted(joined["batch"], key=lambda b: b[0][0].item_id):
+    for rows, keys, previous in sorted(read_staged(joined["batch"]), key=lambda b: b[0][0].item_id):
         encoded = {i: k for i, k in keys.items() if not reuse.text_unchanged(previous.get(i), k)}
         yield _Joined(rows, keys, previous, {i: text[k] for i, k in encoded.items() if k in text},
                       {i: failed[k] for i, k in encoded.items() if k in failed})
@@ -536,20 +653,6 @@ class TextRef(NamedTuple):
     keys: tuple
 
 
-class _Staging(beam.DoFn):
-    """A DoFn that holds a bundle's elements and writes them to staging files in ``_flush`` (a generator of
-    what goes downstream) whenever enough are held, and at the end of the bundle."""
-
-    def _flush(self):
-        raise NotImplementedError
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindows
-
-        for element in self._flush():
-            yield GlobalWindows.windowed_value(element)
-
-
 class _StageTextVectors(_Staging):
     """(records, vectors) of a text group -> text vectors in staging files; (bucket, TextRef) out, and
     FAILED (bucket, (text key, (reason, message))) for texts whose model batch failed.
@@ -565,15 +668,12 @@ class _StageTextVectors(_Staging):
     FAILED = "failed"
 
     def __init__(self, version_dir: str, max_bytes: Optional[int] = None):
+        super().__init__(STAGE_TEXT_BYTES if max_bytes is None else max_bytes)
         self._dir = shd.text_staging_dir(version_dir)
-        self._max_bytes = STAGE_TEXT_BYTES if max_bytes is None else max_bytes
-        self._held, self._bytes = [], 0
-
-    def start_bundle(self):
-        self._held, self._bytes = [], 0
 
     def process(self, element):
         records, vectors = element
+        flush = False
         for (key, buckets), vector in zip(records, vectors):
             if isinstance(vector, inference.BatchFailure):
                 failure = _encoder_failure(vector)
@@ -581,15 +681,14 @@ class _StageTextVectors(_Staging):
                     yield beam.pvalue.TaggedOutput(self.FAILED, (bucket, (key, failure)))
                 continue
             for bucket in buckets:
-                self._held.append((bucket, key, vector))
-            self._bytes += vector.nbytes * len(buckets)
-        if self._bytes >= self._max_bytes:
+                flush = self._hold((bucket, key, vector), vector.nbytes) or flush
+        if flush:
             yield from self._flush()
 
     def _flush(self):
         import uuid
 
-        held, self._held, self._bytes = self._held, [], 0
+        held = self._take()
         if not held:
             return
         held.sort(key=lambda h: (h[0], h[1]))
@@ -860,7 +959,9 @@ class EncodeItems(beam.PTransform):
             self._text, text_groups(self._num_buckets, self._batch_size), self._staging_dir)
         # The join needs ids, titles and provenance, not the descriptions nor the previous vectors: leave
         # them behind, keeping each text's sha256 (the embeddings table's text_sha256).
-        slim = batches | "DropDescriptions" >> beam.Map(_slim_batch)
+        slim = (batches
+                | "DropDescriptions" >> beam.Map(_slim_batch)
+                | "StageBatches" >> beam.ParDo(_StageByBucket(self._staging_dir, "batches", _batch_bytes)))
         joined = (
             {
                 "batch": slim,
@@ -1107,25 +1208,20 @@ class _StageItems(_Staging):
     """
 
     def __init__(self, version_dir: str, num_shards: int, max_bytes: Optional[int] = None):
+        super().__init__(STAGE_BUFFER_BYTES if max_bytes is None else max_bytes)
         self._version_dir = version_dir
         self._num_shards = num_shards
-        self._max_bytes = STAGE_BUFFER_BYTES if max_bytes is None else max_bytes
-        self._buffers = {}
-        self._held = 0
-
-    def start_bundle(self):
-        self._buffers, self._held = {}, 0
 
     def process(self, item):
-        self._buffers.setdefault(shd.stable_shard(item.item_id, self._num_shards), []).append(item)
-        self._held += shd.staged_bytes(item)
-        if self._held >= self._max_bytes:
+        if self._hold(item, shd.staged_bytes(item)):
             yield from self._flush()
 
     def _flush(self):
         import uuid
 
-        buffers, self._buffers, self._held = self._buffers, {}, 0
+        buffers = {}
+        for item in self._take():
+            buffers.setdefault(shd.stable_shard(item.item_id, self._num_shards), []).append(item)
         for index in sorted(buffers):
             path = files.join(shd.shard_staging_dir(self._version_dir, index), f"{uuid.uuid4().hex}.parquet")
             yield index, (path, shd.write_staging(buffers[index], path))

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+import pytest
 from PIL import Image
 
 from embedding import fusion as fus
@@ -14,6 +15,7 @@ from pipelines import inference
 from pipelines import shards as shd
 from pipelines import transforms as tr
 from schemas import rejected as rej
+from schemas.errors import CatalogIndexError
 
 
 def row(item_id, title="t", image_uri=None, source="a.parquet", n=0, description=None):
@@ -98,12 +100,12 @@ def test_validate_items_routes_each_bad_row_with_its_reason():
             ("x", rej.NO_TITLE_OR_IMAGE), ("n", rej.NO_TITLE_OR_IMAGE)]), label="CheckRejected")
 
 
-def test_batch_items_keeps_first_file_then_lowest_row_of_an_item_id():
+def test_batch_items_keeps_first_file_then_lowest_row_of_an_item_id(tmp_path):
     rows = [row("d", "late", source="b.parquet", n=0), row("d", "second", source="a.parquet", n=5),
             row("d", "first", source="a.parquet", n=2), row("u", "unique"),
             row("e", "only in b", source="b.parquet", n=9), row("e", "in a", source="a.parquet", n=30)]
     with TestPipeline() as p:
-        out = p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2)
+        out = p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2, staging_dir=str(tmp_path))
         assert_that(out["batches"] | beam.FlatMap(lambda b: [(r.item_id, r.title) for r in b[1]]),
                     equal_to([("d", "first"), ("u", "unique"), ("e", "in a")]), label="CheckKept")
         assert_that(out[tr.REJECTED] | beam.Map(lambda r: (r.item_id, r.source, r.row, r.reason, r.message)),
@@ -113,7 +115,7 @@ def test_batch_items_keeps_first_file_then_lowest_row_of_an_item_id():
                     label="CheckDuplicates")
 
 
-def test_batch_items_cuts_sorted_batches_per_bucket():
+def test_batch_items_cuts_sorted_batches_per_bucket(tmp_path):
     rows = [row(f"i{k:02d}") for k in reversed(range(23))]
 
     def check(batches):
@@ -130,8 +132,28 @@ def test_batch_items_cuts_sorted_batches_per_bucket():
         assert len(batches) == sum(-(-n // 4) for n in per_bucket.values())
 
     with TestPipeline() as p:
-        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=4))["batches"]
+        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=4, staging_dir=str(tmp_path)))["batches"]
         assert_that(batches, check, label="CheckBatches")
+
+
+def test_rows_go_through_staging_files_exactly_and_only_references_come_out(tmp_path):
+    """_StageByBucket: each bucket gets a StagedRef per file it has rows in (small max_bytes: several files),
+    and read_staged gives every bucket exactly its rows back, values of every type intact."""
+    rows = [tr.CatalogRow(f"i{k:02d}", f"title {k}", None if k % 3 else "desc " * k, f"/img/{k}.png",
+                          f"part-{k % 2}.parquet", k, None, [None, "etag-1", "2026-11-29T00:00:00"][k % 3]) for k in range(30)]
+    rows[4] = rows[4]._replace(problem="title: not valid UTF-8", title=None)
+    elements = [(k % 4, r) for k, r in enumerate(rows)]
+    with TestPipeline() as p:
+        refs = p | beam.Create(elements) | beam.ParDo(tr._StageByBucket(str(tmp_path), "rows", tr._row_bytes, max_bytes=1500))
+        assert_that(refs | beam.Map(lambda kv: type(kv[1]).__name__) | beam.Distinct(), equal_to(["StagedRef"]),
+                    label="OnlyReferences")
+        got = refs | beam.GroupByKey() | beam.FlatMap(lambda kv: [(kv[0], r) for r in tr.read_staged(kv[1])])
+        assert_that(got, equal_to(elements), label="EveryRowBack")
+    staged = list((tmp_path / "_staging" / "rows").iterdir())
+    assert len(staged) > 1
+    ref = tr.StagedRef(str(staged[0]), 0, staged[0].stat().st_size + 5)
+    with pytest.raises(CatalogIndexError, match="staging file .* is short"):
+        tr.read_staged([ref])
 
 
 def _png(path, colour):
@@ -154,7 +176,7 @@ def test_encode_items_degrades_or_rejects_bad_images(tmp_path, tiny_encoders):
 
     for reject_on_error in (False, True):
         with TestPipeline() as p:
-            batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2))["batches"]
+            batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=2, batch_size=2, staging_dir=str(tmp_path)))["batches"]
             out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=2,
                                            reject_on_image_error=reject_on_error, staging_dir=str(tmp_path))
             expected = [("text-only", (64,), None), ("both", (64,), (48,)), ("image-only", None, (48,))]
@@ -240,7 +262,7 @@ def test_identical_texts_are_encoded_once(tmp_path, tiny_encoders):
     text, image = tiny_encoders
     rows = [row(f"v{k}", "blue jeans, slim fit", description="cotton") for k in range(6)] + [row("other", "red hat")]
     p = TestPipeline()
-    batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=2))["batches"]
+    batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=3, batch_size=2, staging_dir=str(tmp_path)))["batches"]
     out = batches | tr.EncodeItems(text, image, (32, 32), num_buckets=3, batch_size=2, staging_dir=str(tmp_path))
     assert_that(out["items"] | beam.FlatMap(lambda b: [(it.row.item_id, it.text_embedding.tobytes()) for it in b])
                 | beam.Map(lambda kv: ("other" if kv[0] == "other" else "variant", kv[1]))
@@ -302,7 +324,7 @@ def test_encoder_failures_reject_the_batch_items(tmp_path, tiny_encoders):
     text = _failing_text_encoder(str(tmp_path / "failing"))
     rows = [row("good", "plain title"), row("bad", "boom goes the title")]
     with TestPipeline() as p:
-        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=1))["batches"]
+        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=1, staging_dir=str(tmp_path)))["batches"]
         out = batches | tr.EncodeItems(text, tiny_encoders[1], (32, 32), num_buckets=1, batch_size=1,
                                        staging_dir=str(tmp_path))
         assert_that(out["items"] | beam.FlatMap(lambda b: [it.row.item_id for it in b]), equal_to(["good"]),
@@ -338,7 +360,7 @@ def test_image_encoder_failure_rejects_that_batch_only_and_keeps_its_batch_mates
             row("c-text", "text only"), row("d-white", None, image_uri=white)]
     with TestPipeline() as p:
         # One bucket, batches of 2 in item_id order: [a-dark, b-white] fails, [c-text, d-white] fails.
-        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=2))["batches"]
+        batches = (p | beam.Create(rows) | tr.BatchItems(num_buckets=1, batch_size=2, staging_dir=str(tmp_path)))["batches"]
         out = batches | tr.EncodeItems(tiny_encoders[0], image, (32, 32), num_buckets=1, batch_size=2,
                                        staging_dir=str(tmp_path))
         assert_that(out["items"] | beam.FlatMap(lambda b: [(it.row.item_id, it.image_embedding is None)
