@@ -319,8 +319,9 @@ def batch_previous(batch) -> dict:
 
 
 class _Staging(beam.DoFn):
-    """A DoFn that holds a bundle's elements and writes them to staging files in ``_flush`` (a generator of
-    what goes downstream) whenever about ``max_bytes`` are held, and at the end of the bundle."""
+    """A DoFn that holds a bundle's elements and hands them on in ``_flush`` (a generator of what goes
+    downstream: references to the staging files it wrote them to, or one pack of them) whenever about
+    ``max_bytes`` (or another measure of size) are held, and at the end of the bundle."""
 
     def __init__(self, max_bytes: int):
         self._max_bytes = max_bytes
@@ -577,6 +578,29 @@ class _LoadImages(beam.DoFn):
         yield [(_Images(batch, tuple(ids), keys, reused, failed), arrays)]
 
 
+class _PackImages(_Staging):
+    """[(_Images, arrays)] per batch -> [(tuple of _Images, their arrays in order)] per pack of batches.
+
+    The image encoder runs on model batches of a fixed shape (Encoder.fixed_batches), so a batch with two
+    images to encode would pay for a full model batch. In an incremental run most batches have none or
+    one or two (their other items are unchanged), so batches wait here until at least ``batch_size``
+    images are held (or the bundle ends) and go to the encoder together: dense model batches, and at
+    most about two batches' pixels held. Batches with no image to encode pass at once, alone.
+    """
+
+    def process(self, element):
+        (loaded, arrays), = element
+        if not arrays:
+            yield [((loaded,), [])]
+        elif self._hold((loaded, arrays), len(arrays)):
+            yield from self._flush()
+
+    def _flush(self):
+        held = self._take()
+        if held:
+            yield [(tuple(loaded for loaded, _ in held), [a for _, arrays in held for a in arrays])]
+
+
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -633,6 +657,22 @@ def _text_group(element):
 # Distinct texts per text group, about: big groups leave fewer model batches part-filled (each group
 # fills one per token-length class), and a group is one example for the encoder.
 TEXTS_PER_GROUP = 8192
+
+
+class _PackTexts(_Staging):
+    """[(records, texts)] per text group -> the same for packs of groups holding at least ``min_texts``
+    texts (or what the bundle has): in an incremental run the groups hold the few changed texts, and
+    each would otherwise fill one part-empty model batch per token-length class of its own."""
+
+    def process(self, element):
+        (records, texts), = element
+        if self._hold((records, texts), len(texts)):
+            yield from self._flush()
+
+    def _flush(self):
+        held = self._take()
+        if held:
+            yield [([r for records, _ in held for r in records], [t for _, texts in held for t in texts])]
 
 
 def text_groups(num_buckets: int, batch_size: int) -> int:
@@ -762,6 +802,7 @@ class _EncodeTexts(beam.PTransform):
             | "KeyTextGroups" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % ng, ((kv[0], kv[1][1]), kv[1][0])))
             | "GroupTexts" >> beam.GroupByKey()
             | "ListGroupTexts" >> beam.Map(_text_group)
+            | "PackTexts" >> beam.ParDo(_PackTexts(TEXTS_PER_GROUP))
             | "RunTextEncoder" >> RunInference(self._handler)
             | "StageTextVectors" >> beam.ParDo(_StageTextVectors(self._version_dir)).with_outputs(
                 self.FAILED, main="vectors")
@@ -799,7 +840,7 @@ def _failed_batch(element):
 class _Assemble(beam.DoFn):
     """Puts one batch's items together with their vectors and failures.
 
-    Input: (_Images, image vectors in _Images.ids order, inference.BatchFailure for those that failed).
+    Input: (a pack of _Images, their image vectors in order, inference.BatchFailure for those that failed).
     Decides per item: indexed, indexed but degraded (image failed, title present),
     or rejected. Yields the batch's EncodedItems as one list. In an incremental
     run, items whose every vector is reused (and that have the vectors their previous rows
@@ -813,7 +854,13 @@ class _Assemble(beam.DoFn):
         self._carried = progress.counter(progress.ITEMS_CARRIED)
 
     def process(self, element):
-        loaded, vectors = element
+        packed, vectors = element  # _PackImages' batches, their image vectors in order
+        start = 0
+        for loaded in packed:
+            yield from self._assemble(loaded, vectors[start:start + len(loaded.ids)])
+            start += len(loaded.ids)
+
+    def _assemble(self, loaded, vectors):
         batch = loaded.batch
         encode_failed = dict(batch.text_failed)
         image = {}
@@ -916,7 +963,7 @@ class EncodeItems(beam.PTransform):
     Input: batches from BatchItems. Texts are encoded once per distinct text (_EncodeTexts), their
     vectors written to staging files under ``staging_dir`` and only references (TextRef) joined back
     to the batches by bucket; then each batch runs, in one fused chain with no shuffle and no Flatten,
-    through loading its images, the image encoder (RunInference with the whole batch as one example)
+    through loading its images, the image encoder (RunInference on packs of batches, _PackImages)
     and _Assemble. So the join holds rows without descriptions, text keys and file references, and no
     vector or pixel goes through a shuffle: the local runner holds every shuffle (and every Flatten)
     in memory, and this is what keeps its memory flat in the catalog's vectors.
@@ -975,6 +1022,7 @@ class EncodeItems(beam.PTransform):
             _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(IMAGES, main="batches")
         assembled = (
             loaded.batches
+            | "PackImages" >> beam.ParDo(_PackImages(self._batch_size))
             | "EncodeImages" >> RunInference(self._image)
             | "AssembleItems" >> beam.ParDo(_Assemble(self._reject_on_image_error)).with_outputs(
                 REJECTED, DEGRADED, CARRIED, PARTIAL, main="items")
