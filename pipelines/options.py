@@ -109,7 +109,8 @@ class IndexOptions(PipelineOptions):
         parser.add_argument("--seed", type=int, default=0,
                             help="Seed of the projection and of the Annoy builds (default: %(default)s).")
         parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32,
-                            help="Largest encoder batch (default: %(default)s).")
+                            help="Rows of every encoder batch (default: %(default)s); vectors are reused only "
+                                 "from versions built with the same.")
         parser.add_argument("--max-rejected-fraction", "--max_rejected_fraction", dest="max_rejected_fraction",
                             type=float, default=0.05,
                             help="Fail before publication when more than this fraction of rows is rejected "
