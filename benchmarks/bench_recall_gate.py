@@ -7,8 +7,9 @@ RELEASE_DIR is a release folder (the one holding manifest.json) or an output roo
 Each repeat runs ``measure(RELEASE_DIR, manifest, min_recall)`` once with the code at ``--baseline``
 (default 8eb2313, the last commit before the gate was made faster; extracted with ``git archive`` into a
 temp dir) and once with this working tree, each in a fresh child process, alternating which goes first.
-Only the ``measure`` call is timed (not the interpreter's start or imports at module level). Prints each
-run, the medians, and whether both gave exactly the same dict (or the same refusal). ``--threads`` is
+Only the ``measure`` call is timed (not the interpreter's start or imports at module level); each child's
+peak RSS is reported too (imports included). Prints each run, the medians, and whether both gave exactly
+the same dict (or the same refusal). ``--threads`` is
 passed to the new code only (the old one has no such argument); default: one per CPU.
 """
 
@@ -38,6 +39,8 @@ try:
 except PublicationError as e:
     out = {"refused": str(e)}
 out["seconds"] = time.perf_counter() - t
+import resource
+out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT " + json.dumps(out))
 """
 
@@ -86,15 +89,16 @@ def main(argv=None) -> int:
                 out["child_s"] = time.perf_counter() - t
                 results[name].append(out)
                 print(f"  repeat {r} {name:>6}: measure {out['seconds']:7.2f}s (child {out['child_s']:.1f}s, "
-                      f"load {load:.2f} before)", flush=True)
+                      f"peak RSS {out['maxrss_mib']:.0f} MiB, load {load:.2f} before)", flush=True)
 
     for name in ("before", "after"):
-        print(f"median {name:>6}: {statistics.median(x['seconds'] for x in results[name]):.2f}s "
-              f"over {len(results[name])} runs")
+        print(f"median {name:>6}: {statistics.median(x['seconds'] for x in results[name]):.2f}s, peak RSS "
+              f"{statistics.median(x['maxrss_mib'] for x in results[name]):.0f} MiB over {len(results[name])} runs")
     before = statistics.median(x["seconds"] for x in results["before"])
     after = statistics.median(x["seconds"] for x in results["after"])
     print(f"speed-up {before / after:.1f}x")
-    answers = {json.dumps({k: v for k, v in x.items() if k not in ("seconds", "child_s")}, sort_keys=True)
+    answers = {json.dumps({k: v for k, v in x.items() if k not in ("seconds", "child_s", "maxrss_mib")},
+                          sort_keys=True)
                for name in results for x in results[name]}
     print(f"identical results: {len(answers) == 1}")
     for answer in sorted(answers):

@@ -157,7 +157,7 @@ class ShardSet:
         self.close()
 
 
-SCORE_BYTES = 256 << 20  # queries are scored in chunks of at most this many bytes of scores
+SCORE_BYTES = 64 << 20  # queries are scored in chunks of at most this many bytes of scores
 
 
 def exact_search(matrix: np.ndarray, ids: list, vectors: np.ndarray, k: int) -> list:
