@@ -617,41 +617,40 @@ def _texts_by_key(element):
                 yield key, (bucket, text)
 
 
-class _TextBuckets(beam.CombineFn):
-    """(bucket, text) of the items sharing one text -> (text, sorted buckets): the text goes to the
-    encoder once and its vector to each bucket holding an item with it. A combiner, so that runners
-    combine before the shuffle: one text per key per bundle travels, not one per item."""
+class _TextGroup(beam.CombineFn):
+    """(text key, bucket, text) of the items of one text group -> (records, texts): each distinct text once,
+    with the sorted buckets holding an item with it (records: (text key, buckets)), in length order, then
+    key order (where the encoder cannot count its tokens, Encoder.fixed_batches keeps this order, and
+    neighbours of similar length share model batches). A combiner, keyed by group, so that runners
+    deduplicate before the shuffle and one shuffle delivers each group: the distinct texts are held once.
+    """
 
     def create_accumulator(self):
-        return [None, set()]
+        return {}
 
     def add_input(self, accumulator, value):
-        bucket, text = value
-        accumulator[0] = text
-        accumulator[1].add(bucket)
+        key, bucket, text = value
+        entry = accumulator.get(key)
+        if entry is None:
+            accumulator[key] = (text, {bucket})
+        else:
+            entry[1].add(bucket)
         return accumulator
 
     def merge_accumulators(self, accumulators):
-        merged = self.create_accumulator()
-        for text, buckets in accumulators:
-            merged[0] = text if text is not None else merged[0]
-            merged[1].update(buckets)
+        merged = {}
+        for accumulator in accumulators:
+            for key, (text, buckets) in accumulator.items():
+                entry = merged.get(key)
+                if entry is None:
+                    merged[key] = (text, set(buckets))
+                else:
+                    entry[1].update(buckets)
         return merged
 
     def extract_output(self, accumulator):
-        text, buckets = accumulator
-        return text, tuple(sorted(buckets))
-
-
-def _text_group(element):
-    """(group, [((text key, buckets), text)]) -> [(records, texts)]: one keyed example for the text encoder.
-
-    In length order, then key order: a stable order, and where the encoder cannot count its tokens
-    (Encoder.fixed_batches), neighbours of similar length share model batches (shuffled lengths halved
-    MiniLM's throughput on the Grocery texts)."""
-    _, texts = element
-    texts = sorted(texts, key=lambda kt: (len(kt[1]), kt[0][0]))
-    return [([kt[0] for kt in texts], [kt[1] for kt in texts])]  # one keyed example, unbatched
+        keys = sorted(accumulator, key=lambda k: (len(accumulator[k][0]), k))
+        return [(k, tuple(sorted(accumulator[k][1]))) for k in keys], [accumulator[k][0] for k in keys]
 
 
 # Distinct texts per text group, about: big groups leave fewer model batches part-filled (each group
@@ -777,7 +776,9 @@ class _EncodeTexts(beam.PTransform):
     by sha256 and encoded once; each vector then goes to a staging file under
     ``version_dir`` once for each bucket with an item that has the text
     (_StageTextVectors). The distinct texts are spread over ``text_groups``
-    groups by sha256; each group is one example for the encoder, which cuts it
+    groups by sha256 and listed once per group by a combiner (_TextGroup: one
+    shuffle, deduplicated before it); each group (small ones packed together,
+    _PackTexts) is one example for the encoder, which cuts it
     into model batches whose shape depends on each text alone
     (Encoder.fixed_batches): a text's vector is the same whatever else the
     catalog holds, so reused and re-encoded vectors agree bit for bit.
@@ -798,10 +799,9 @@ class _EncodeTexts(beam.PTransform):
         staged = (
             batches
             | "KeyTexts" >> beam.ParDo(_KeyTexts())
-            | "ListTextBuckets" >> beam.CombinePerKey(_TextBuckets())
-            | "KeyTextGroups" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % ng, ((kv[0], kv[1][1]), kv[1][0])))
-            | "GroupTexts" >> beam.GroupByKey()
-            | "ListGroupTexts" >> beam.Map(_text_group)
+            | "KeyTextGroups" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % ng, (kv[0], kv[1][0], kv[1][1])))
+            | "ListGroupTexts" >> beam.CombinePerKey(_TextGroup())
+            | "ToExamples" >> beam.Map(lambda kv: [kv[1]])
             | "PackTexts" >> beam.ParDo(_PackTexts(TEXTS_PER_GROUP))
             | "RunTextEncoder" >> RunInference(self._handler)
             | "StageTextVectors" >> beam.ParDo(_StageTextVectors(self._version_dir)).with_outputs(
