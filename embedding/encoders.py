@@ -161,6 +161,7 @@ class Encoder:
                                f"not a {kind} encoder")
         self.handle = handle
         self.kind = kind
+        self._forcing = {}  # token count -> filler text of exactly that many tokens (or None)
         self._model = _load_model(handle, kind, model_cache)
         if callable(self._model):
             self._fn = self._model
@@ -264,7 +265,7 @@ class Encoder:
 
     def _text_of_length(self, tokens: int) -> Optional[str]:
         """A text the model reads as exactly ``tokens`` tokens ("a a a ..."), or None if it has none."""
-        cache = self.__dict__.setdefault("_forcing", {})
+        cache = self._forcing
         if tokens not in cache:
             text = None
             for words in (tokens - 2, tokens - 1, tokens, tokens - 3, tokens - 4):  # BERT's [CLS] [SEP] first
