@@ -8,7 +8,8 @@
    process (decode + resize with embedding.images, encode in batches of 32),
    against `catalog-index index` on the same photos as a catalog (default
    built-in encoders, 4 shards, DirectRunner), run alternately in the same
-   session; ratio = pipeline items/s / bare image items/s, median over repeats.
+   session; ratio = pipeline items/s / bare image items/s, median over repeats. Every repeat is a full
+   run (``--no-reuse``: the repeats publish into one output root, and would otherwise reuse repeat 0).
    Both walls include process start-up and model loading.
 
     .venv/bin/python benchmarks/bench_builtin.py [--repeats 3] [--skip-alone] [--json OUT]
@@ -147,11 +148,12 @@ def main(argv=None):
                 sys.exit(bare["output"][-3000:])
             inner = json.loads(line[-1][7:])["inner_s"]
             pipe = _measure.run_measured([exe, "index", "--catalog", catalog, "--output", os.path.join(work, "out"),
-                                          "--shards", "4", "--version", f"r{rep}"], env=env)
+                                          "--shards", "4", "--version", f"r{rep}", "--no-reuse"], env=env)
             if pipe["rc"] != 0:
                 sys.exit(pipe["output"][-3000:])
             pipe_d = _measure.run_measured([exe, "index", "--catalog", distinct, "--output",
-                                            os.path.join(work, "out-d"), "--shards", "4", "--version", f"r{rep}"],
+                                            os.path.join(work, "out-d"), "--shards", "4", "--version", f"r{rep}",
+                                            "--no-reuse"],
                                            env=env)
             if pipe_d["rc"] != 0:
                 sys.exit(pipe_d["output"][-3000:])
