@@ -217,17 +217,12 @@ class Encoder:
         only the batch size is fixed (empty texts as filler), in the order given.
         """
         n = len(inputs)
-        if self.kind == IMAGE:
+        lengths = self.token_counts(inputs) if n else None  # None for images
+        if lengths is None:  # chunks in order
             for start in range(0, n, batch_size):
                 chunk = list(inputs[start:start + batch_size])
-                filler = np.zeros(np.shape(chunk[0]), np.float32)
+                filler = np.zeros(np.shape(chunk[0]), np.float32) if self.kind == IMAGE else ""
                 yield list(range(start, start + len(chunk))), chunk + [filler] * (batch_size - len(chunk))
-            return
-        lengths = self.token_counts(inputs) if n else None
-        if lengths is None:
-            for start in range(0, n, batch_size):
-                chunk = list(inputs[start:start + batch_size])
-                yield list(range(start, start + len(chunk))), chunk + [""] * (batch_size - len(chunk))
             return
         classes = {}
         for i, length in enumerate(lengths):
