@@ -575,30 +575,30 @@ class _LoadImages(beam.DoFn):
             yield beam.pvalue.TaggedOutput(IMAGES, list(zip(ids, arrays)))
         # Every batch goes through the encoder step (an empty one is not encoded): a second path around
         # it would need a Flatten, which the local runner materialises.
-        yield [(_Images(batch, tuple(ids), keys, reused, failed), arrays)]
+        yield [([_Images(batch, tuple(ids), keys, reused, failed)], arrays)]  # one key: the batch (_Pack)
 
 
-class _PackImages(_Staging):
-    """[(_Images, arrays)] per batch -> [(tuple of _Images, their arrays in order)] per pack of batches.
+class _Pack(_Staging):
+    """[(keys, inputs)] -> [(keys, inputs)] of several elements concatenated, once at least ``min_inputs``
+    inputs are held (or the bundle ends); elements with no input pass at once, alone.
 
-    The image encoder runs on model batches of a fixed shape (Encoder.fixed_batches), so a batch with two
-    images to encode would pay for a full model batch. In an incremental run most batches have none or
-    one or two (their other items are unchanged), so batches wait here until at least ``batch_size``
-    images are held (or the bundle ends) and go to the encoder together: dense model batches, and at
-    most about two batches' pixels held. Batches with no image to encode pass at once, alone.
-    """
+    The encoders run on model batches of a fixed shape (Encoder.fixed_batches), so an element with two
+    inputs would pay for a whole model batch. In an incremental run most item batches have no image to
+    encode or one or two, and text groups hold the few changed texts: packed, they fill dense model
+    batches, and memory holds about two elements' inputs. Used for the images of item batches (keys: the
+    batch's _Images) and for text groups (keys: one record per text)."""
 
     def process(self, element):
-        (loaded, arrays), = element
-        if not arrays:
-            yield [((loaded,), [])]
-        elif self._hold((loaded, arrays), len(arrays)):
+        (keys, inputs), = element
+        if not inputs:
+            yield [(keys, inputs)]
+        elif self._hold((keys, inputs), len(inputs)):
             yield from self._flush()
 
     def _flush(self):
         held = self._take()
         if held:
-            yield [(tuple(loaded for loaded, _ in held), [a for _, arrays in held for a in arrays])]
+            yield [([k for keys, _ in held for k in keys], [x for _, inputs in held for x in inputs])]
 
 
 def text_key(text: str) -> str:
@@ -656,22 +656,6 @@ class _TextGroup(beam.CombineFn):
 # Distinct texts per text group, about: big groups leave fewer model batches part-filled (each group
 # fills one per token-length class), and a group is one example for the encoder.
 TEXTS_PER_GROUP = 8192
-
-
-class _PackTexts(_Staging):
-    """[(records, texts)] per text group -> the same for packs of groups holding at least ``min_texts``
-    texts (or what the bundle has): in an incremental run the groups hold the few changed texts, and
-    each would otherwise fill one part-empty model batch per token-length class of its own."""
-
-    def process(self, element):
-        (records, texts), = element
-        if self._hold((records, texts), len(texts)):
-            yield from self._flush()
-
-    def _flush(self):
-        held = self._take()
-        if held:
-            yield [([r for records, _ in held for r in records], [t for _, texts in held for t in texts])]
 
 
 def text_groups(num_buckets: int, batch_size: int) -> int:
@@ -778,7 +762,7 @@ class _EncodeTexts(beam.PTransform):
     (_StageTextVectors). The distinct texts are spread over ``text_groups``
     groups by sha256 and listed once per group by a combiner (_TextGroup: one
     shuffle, deduplicated before it); each group (small ones packed together,
-    _PackTexts) is one example for the encoder, which cuts it
+    _Pack) is one example for the encoder, which cuts it
     into model batches whose shape depends on each text alone
     (Encoder.fixed_batches): a text's vector is the same whatever else the
     catalog holds, so reused and re-encoded vectors agree bit for bit.
@@ -802,7 +786,7 @@ class _EncodeTexts(beam.PTransform):
             | "KeyTextGroups" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % ng, (kv[0], kv[1][0], kv[1][1])))
             | "ListGroupTexts" >> beam.CombinePerKey(_TextGroup())
             | "ToExamples" >> beam.Map(lambda kv: [kv[1]])
-            | "PackTexts" >> beam.ParDo(_PackTexts(TEXTS_PER_GROUP))
+            | "PackTexts" >> beam.ParDo(_Pack(TEXTS_PER_GROUP))
             | "RunTextEncoder" >> RunInference(self._handler)
             | "StageTextVectors" >> beam.ParDo(_StageTextVectors(self._version_dir)).with_outputs(
                 self.FAILED, main="vectors")
@@ -854,7 +838,7 @@ class _Assemble(beam.DoFn):
         self._carried = progress.counter(progress.ITEMS_CARRIED)
 
     def process(self, element):
-        packed, vectors = element  # _PackImages' batches, their image vectors in order
+        packed, vectors = element  # the batches _Pack put together, their image vectors in order
         start = 0
         for loaded in packed:
             yield from self._assemble(loaded, vectors[start:start + len(loaded.ids)])
@@ -963,7 +947,7 @@ class EncodeItems(beam.PTransform):
     Input: batches from BatchItems. Texts are encoded once per distinct text (_EncodeTexts), their
     vectors written to staging files under ``staging_dir`` and only references (TextRef) joined back
     to the batches by bucket; then each batch runs, in one fused chain with no shuffle and no Flatten,
-    through loading its images, the image encoder (RunInference on packs of batches, _PackImages)
+    through loading its images, the image encoder (RunInference on packs of batches, _Pack)
     and _Assemble. So the join holds rows without descriptions, text keys and file references, and no
     vector or pixel goes through a shuffle: the local runner holds every shuffle (and every Flatten)
     in memory, and this is what keeps its memory flat in the catalog's vectors.
@@ -1022,7 +1006,7 @@ class EncodeItems(beam.PTransform):
             _LoadImages(self._image_size, self._max_pixels, self._fetch_options)).with_outputs(IMAGES, main="batches")
         assembled = (
             loaded.batches
-            | "PackImages" >> beam.ParDo(_PackImages(self._batch_size))
+            | "PackImages" >> beam.ParDo(_Pack(self._batch_size))
             | "EncodeImages" >> RunInference(self._image)
             | "AssembleItems" >> beam.ParDo(_Assemble(self._reject_on_image_error)).with_outputs(
                 REJECTED, DEGRADED, CARRIED, PARTIAL, main="items")

@@ -166,15 +166,15 @@ def _drain(dofn, elements):
 def test_pack_images_holds_batches_until_a_model_batch_of_images_is_there():
     recs = [tr._Images(None, tuple(f"i{n}{k}" for k in range(n)), {}, {}, {}) for n in (0, 1, 2, 3, 0, 1)]
     arrays = [[np.full((2, 2, 3), n + k / 10, np.float32) for k in range(n)] for n in (0, 1, 2, 3, 0, 1)]
-    per_element, at_end = _drain(tr._PackImages(4), [[(r, a)] for r, a in zip(recs, arrays)])
+    per_element, at_end = _drain(tr._Pack(4), [[([r], a)] for r, a in zip(recs, arrays)])
     # Nothing to encode: passes at once, alone. 1 + 2 + 3 images reach 4: one pack of three batches.
     assert [len(o) for o in per_element] == [1, 0, 0, 1, 1, 0]
     (packed, pack_arrays), = per_element[3][0]
-    assert packed == tuple(recs[1:4]) and len(pack_arrays) == 6
+    assert packed == recs[1:4] and len(pack_arrays) == 6
     assert [a[0, 0, 0] for a in pack_arrays] == [np.float32(x) for x in (1.0, 2.0, 2.1, 3.0, 3.1, 3.2)]
-    assert per_element[0] == [[((recs[0],), [])]] and per_element[4] == [[((recs[4],), [])]]
+    assert per_element[0] == [[([recs[0]], [])]] and per_element[4] == [[([recs[4]], [])]]
     (packed, pack_arrays), = at_end[0]  # the bundle's end flushes what is held
-    assert packed == (recs[5],) and len(pack_arrays) == 1
+    assert packed == [recs[5]] and len(pack_arrays) == 1
 
 
 def test_text_group_lists_each_distinct_text_once_with_its_buckets():
@@ -193,7 +193,7 @@ def test_text_group_lists_each_distinct_text_once_with_its_buckets():
 def test_pack_texts_merges_small_groups():
     groups = [[([(f"k{g}{n}", (g,)) for n in range(size)], [f"t{g}{n}" for n in range(size)])]
               for g, size in enumerate((2, 1, 5, 1))]
-    per_element, at_end = _drain(tr._PackTexts(4), groups)
+    per_element, at_end = _drain(tr._Pack(4), groups)
     assert [len(o) for o in per_element] == [0, 0, 1, 0]
     (records, texts), = per_element[2][0]
     assert texts == ["t00", "t01", "t10", "t20", "t21", "t22", "t23", "t24"]
