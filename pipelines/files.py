@@ -187,3 +187,22 @@ def delete_tree(directory: str) -> None:
             FileSystems.delete([directory])
         except (IOError, OSError, BeamIOError):
             pass
+
+
+ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
+
+
+def use_system_memory_pool() -> str:
+    """Arrow buffers from the C library's malloc, in this process and in the workers it starts.
+
+    Arrow's default pool in the pyarrow wheels (mimalloc) keeps memory that Beam's bundle threads freed:
+    through the encode stage of a local run RSS grew ~2.6-3.1 KiB per item with it and ~1 KiB with the
+    system pool (issue 9; benchmarks/README.md "Arrow's memory pool"). The environment variable is set
+    too, so SDK worker processes of the local runner's multi-processing mode start with the same pool.
+    An ``ARROW_DEFAULT_MEMORY_POOL`` the user set is left alone. Returns the backend in use.
+    """
+    if os.environ.get(ARROW_POOL_ENV):
+        return pa.default_memory_pool().backend_name
+    os.environ[ARROW_POOL_ENV] = "system"
+    pa.set_memory_pool(pa.system_memory_pool())
+    return pa.default_memory_pool().backend_name

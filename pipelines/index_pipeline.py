@@ -499,6 +499,7 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
     """
     start = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
+    files.use_system_memory_pool()  # flat memory on the local runner (issue 9)
     options = PipelineOptions(argv if argv is not None else sys.argv[1:])
     opts = options.view_as(IndexOptions)
     opts.check()

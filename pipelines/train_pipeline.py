@@ -233,6 +233,7 @@ def run(argv=None, test_pipeline=None) -> TrainResult:
     from training import report
 
     start = time.perf_counter()
+    files.use_system_memory_pool()  # as the index pipeline (issue 9)
     options = PipelineOptions(argv if argv is not None else sys.argv[1:])
     opts = options.view_as(TrainOptions)
     models_dir = opts.validate()  # nothing heavy before this: pipelines/preflight.py

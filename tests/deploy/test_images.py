@@ -330,3 +330,11 @@ def test_serve_runs_without_beam():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def test_worker_allocates_arrow_buffers_with_malloc():
+    # pipelines/files.use_system_memory_pool's reason holds on Dataflow workers too (issue 9).
+    from pipelines import files
+
+    env = " ".join(rest for word, rest in _instructions(WORKER) if word == "ENV")
+    assert f"{files.ARROW_POOL_ENV}=system" in env.split()

@@ -75,3 +75,49 @@ def test_match_paths_refuses_a_folder_and_names_the_glob(tmp_path):
         files.match_paths(str(tmp_path / "catalog"), "--catalog")
     assert files.match_paths(str(tmp_path / "catalog" / "*.parquet"), "--catalog") == [
         str(tmp_path / "catalog" / "part-0.parquet")]
+
+
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.dirname(
+    __import__("os").path.abspath(__file__))))
+
+
+def _pool_in_child(preset):
+    """(returned backend, default pool's backend, the env var) in a fresh interpreter: the pool is
+    process-wide, so the test process's own is not touched."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != files.ARROW_POOL_ENV}
+    if preset:
+        env[files.ARROW_POOL_ENV] = preset
+    code = ("import json, os, pyarrow as pa; from pipelines import files; r = files.use_system_memory_pool(); "
+            "print(json.dumps([r, pa.default_memory_pool().backend_name, os.environ.get(files.ARROW_POOL_ENV)]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_use_system_memory_pool_switches_arrow_from_its_default_pool():
+    # pyarrow's wheels default to mimalloc; after the call Arrow allocates with malloc, and worker
+    # processes started from here inherit the choice through the environment.
+    assert _pool_in_child(None) == ["system", "system", "system"]
+
+
+def test_use_system_memory_pool_leaves_the_users_choice():
+    assert _pool_in_child("jemalloc") == ["jemalloc", "jemalloc", "jemalloc"]
+
+
+def test_pipelines_switch_the_pool_before_anything_else(monkeypatch):
+    import pytest
+
+    from pipelines import index_pipeline, train_pipeline
+    from schemas.errors import ConfigError
+
+    for module in (index_pipeline, train_pipeline):
+        calls = []
+        monkeypatch.setattr(files, "use_system_memory_pool", lambda: calls.append(1) or "system")
+        with pytest.raises(ConfigError):  # no --catalog / --clicks: stops at validation
+            module.run([])
+        assert calls == [1], module.__name__
