@@ -13,6 +13,9 @@ The gate runs at the end of every run, incremental ones too (issue 9), so it doe
 answer needs: vectors come from Arrow buffers (the text and image ones only for the sampled rows),
 and the climb skips searches that cannot change the outcome (``_Ladder``), with searches spread over
 the CPUs. Its answer is exactly that of searching every sampled query of every kind at every step.
+Its memory does not grow with the release beyond ids (issue 9): the embeddings are read a block of
+BLOCK_ROWS rows at a time (exact search merges the blocks' top k) and one shard's Annoy file is
+mapped at a time (``ShardByShard``).
 """
 
 import concurrent.futures
@@ -87,16 +90,19 @@ def _column_vectors(column, dim):
     return rows, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
 
 
-def query_sets(manifest: dict, ids: list, matrix: np.ndarray, text: tuple, image: tuple, chosen: list) -> dict:
+def query_sets(manifest: dict, items: np.ndarray, text: tuple, image: tuple, chosen: list) -> dict:
     """The sampled items as three kinds of query: their fused vectors (the item itself), and the fusion
     of their text alone and of their image alone, which is what a text or photo search sends. Real
     queries sit much farther from their nearest item than an item from itself, and need a larger
-    search_k: measured on Grocery, self-queries chose a search_k that lost 9-22 points of P@1."""
+    search_k: measured on Grocery, self-queries chose a search_k that lost 9-22 points of P@1.
+
+    ``items``: the fused vectors of the ``chosen`` rows, in that order; ``text``/``image``: (rows, vectors)
+    of the rows that have such a vector (at least the chosen ones)."""
     from embedding import fusion as fus
 
     spec = fus.FusionSpec.from_json(manifest["fusion"])
     fuse = fus.make_fusion(spec.query_spec())  # queries go through the query tower when there is one
-    sets = {"item": matrix[chosen]}
+    sets = {"item": np.asarray(items, np.float32).reshape(len(chosen), -1)}
     for kind, (rows, vecs), width, other in (("text", text, spec.text_dim, spec.image_dim),
                                              ("image", image, spec.image_dim, spec.text_dim)):
         where = {r: i for i, r in enumerate(rows)}
@@ -220,6 +226,106 @@ class _Ladder:
         return None
 
 
+BLOCK_ROWS = 1 << 16  # rows of the embeddings table the gate reads at once
+
+
+def _blocks(paths: list, columns: list):
+    """(first row, RecordBatch) over the embeddings parts in order, at most BLOCK_ROWS rows each."""
+    import pyarrow.parquet as pq
+
+    base = 0
+    for path in paths:
+        with pq.ParquetFile(path) as part:
+            for batch in part.iter_batches(batch_size=BLOCK_ROWS, columns=columns):
+                yield base, batch
+                base += batch.num_rows
+
+
+def _sampled_vectors(parts: list, names: list, picked: list, manifest: dict, dim: int) -> tuple:
+    """({row: fused vector} of the picked rows, {"text_embedding"/"image_embedding": (rows, vectors)} of
+    those of them that have one), read a block at a time."""
+    import pyarrow as pa
+
+    items, modal = {}, {name: ([], []) for name in names[1:]}
+    at = 0
+    for base, batch in _blocks(parts, names):
+        end = base + batch.num_rows
+        start = at
+        while at < len(picked) and picked[at] < end:
+            at += 1
+        mine = [r - base for r in picked[start:at]]
+        if not mine:
+            continue
+        take = pa.array(mine, pa.int64())
+        rows, vecs = _column_vectors(batch.column("embedding").take(take), dim)
+        if len(rows) != len(mine):
+            raise ValueError("the embeddings table has rows without a fused vector")
+        items.update((base + r, v) for r, v in zip(mine, vecs))
+        for name in names[1:]:
+            width = manifest["fusion"]["text_dim" if name == "text_embedding" else "image_dim"]
+            rows, vecs = _column_vectors(batch.column(name).take(take), width)
+            modal[name][0].extend(base + mine[r] for r in rows)
+            modal[name][1].append(vecs)
+    for name, (rows, vecs) in modal.items():
+        modal[name] = (rows, np.concatenate(vecs) if vecs else np.zeros((0, 1), np.float32))
+    return items, modal
+
+
+def _exact(parts: list, ids: list, sets: dict, depth: int, dim: int) -> dict:
+    """exact_search of every query set over all rows, a block of rows at a time: each block's top
+    ``depth`` per query, merged by (score, item_id) as exact_search orders them (the top ``depth`` of the
+    whole is among the blocks' tops). Scores are the same dot products of the same normalised rows."""
+    from search.ann import exact_search
+
+    best = {kind: [[] for _ in range(len(q))] for kind, q in sets.items()}
+    for base, batch in _blocks(parts, ["embedding"]):
+        rows, block = _column_vectors(batch.column("embedding"), dim)
+        if len(rows) != batch.num_rows:
+            raise ValueError("the embeddings table has rows without a fused vector")
+        if not batch.num_rows:
+            continue
+        block_ids = ids[base:base + batch.num_rows]
+        for kind, q in sets.items():
+            found = exact_search(block, block_ids, q, depth)
+            best[kind] = [sorted(a + b, key=lambda hit: (-hit[1], hit[0]))[:depth]
+                          for a, b in zip(best[kind], found)]
+    return best
+
+
+class ShardByShard:
+    """ShardSet's answers with one shard's Annoy file mapped at a time (issue 9: mapping every shard put
+    the whole index in the gate's RSS). ``search`` takes every query against shard 0, then shard 1, ...,
+    each shard's queries split over ``threads``, and merges each query's hits as ShardSet does
+    (search.ann._merge: by cosine, ties by item_id), so the answer is ShardSet's."""
+
+    def __init__(self, paths: list, dim: int, id_maps: list, threads: int = 1):
+        if len(paths) != len(id_maps):
+            raise ValueError(f"{len(paths)} shards but {len(id_maps)} id maps")
+        self.paths, self.dim, self.id_maps = list(paths), int(dim), list(id_maps)
+        self.threads = max(1, int(threads))
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def search(self, vectors: np.ndarray, k: int, search_k: int = -1) -> list:
+        from search.ann import ShardSet, _merge
+
+        per_query = [[] for _ in range(len(vectors))]
+        for path, ids in zip(self.paths, self.id_maps):
+            with ShardSet([path], self.dim, [ids], threads=1) as one:
+                if self.pool is None or len(vectors) < 2 * self.threads:
+                    found = one.search(vectors, k, search_k)
+                else:  # 4 pieces per thread even out slow queries
+                    pieces = np.array_split(vectors, min(len(vectors), 4 * self.threads))
+                    found = [hits for part in self.pool.map(lambda piece: one.search(piece, k, search_k), pieces)
+                             for hits in part]
+            for hits, got in zip(per_query, found):
+                hits.append(got)
+        return [_merge(hits, int(k)) for hits in per_query]
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, threads: Optional[int] = None) -> dict:
     """Returns the manifest's ``validation`` or raises PublicationError with the figures.
 
@@ -228,14 +334,11 @@ def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, thr
     ``threads``: how many searches run at once (default: one per CPU); the result does not depend on it.
 
     Cost (issue 9: the gate runs at the end of every run, incremental ones too): vectors come from
-    Arrow buffers, the text and image vectors only of the sampled rows, and the ladder skips searches
-    that cannot change the outcome (_Ladder). The result is exactly that of searching every sampled
+    Arrow buffers, a block at a time, the text and image vectors only of the sampled rows, one shard
+    mapped at a time, and the ladder skips searches that cannot change the outcome (_Ladder). The result is exactly that of searching every sampled
     query of every kind at every step (tests/pipelines/test_recall.py pins it).
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from search.ann import ShardSet, exact_search
 
     shards = manifest["shards"]
     dim = manifest["dimension"]
@@ -247,43 +350,29 @@ def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, thr
         local = _local_copy(release_dir, rels, tmp)
         id_maps = [pq.read_table(local[s["id_map"]], columns=["item_id"]).column("item_id").to_pylist()
                    for s in shards]
-        # The ids first, to choose the sample; then one shard's table at a time (only the columns the
-        # gate uses: not titles, hashes, image URIs), keeping its fused vectors and the text and image
-        # vectors of its sampled rows only (query_sets uses no others).
+        parts = [local[s["embeddings"]] for s in shards]
+        # The ids first, to choose the sample; then the sampled rows' vectors, a block of rows at a time
+        # (only the columns the gate uses), so that no more than a block of the release's vectors is
+        # in memory at once (issue 9: the gate held every fused vector twice, and every Annoy file).
         ids = []
-        for s in shards:
-            ids.extend(pq.read_table(local[s["embeddings"]], columns=["item_id"]).column("item_id").to_pylist())
+        for path in parts:
+            ids.extend(pq.read_table(path, columns=["item_id"]).column("item_id").to_pylist())
         m = sample_size(n_items)
         chosen = sorted(range(len(ids)), key=lambda i: _order(ids[i]))[:m]
-        picked = sorted(chosen)
         names = ["embedding"] + (["text_embedding", "image_embedding"] if "fusion" in manifest else [])
-        fused, modal, offset = [], {"text_embedding": ([], []), "image_embedding": ([], [])}, 0
-        for s in shards:
-            table = pq.read_table(local[s["embeddings"]], columns=names)
-            fused.append(_column_vectors(table.column("embedding"), dim)[1])
-            mine = [r - offset for r in picked if offset <= r < offset + table.num_rows]
-            for name in names[1:]:
-                width = manifest["fusion"]["text_dim" if name == "text_embedding" else "image_dim"]
-                rows, vecs = _column_vectors(table.column(name).take(pa.array(mine, pa.int64())), width)
-                modal[name][0].extend(offset + mine[r] for r in rows)
-                modal[name][1].append(vecs)
-            offset += table.num_rows
-            del table
-        matrix = np.concatenate(fused) if fused else np.zeros((0, dim), np.float32)
-        del fused
+        items, modal = _sampled_vectors(parts, names, sorted(chosen), manifest, dim)
+        items = np.stack([items[r] for r in chosen]) if chosen else np.zeros((0, dim), np.float32)
         if "fusion" in manifest:
-            text, image = ((rows, np.concatenate(vecs) if vecs else np.zeros((0, 1), np.float32))
-                           for rows, vecs in (modal["text_embedding"], modal["image_embedding"]))
-            sets = query_sets(manifest, ids, matrix, text, image, chosen)
+            sets = query_sets(manifest, items, modal["text_embedding"], modal["image_embedding"], chosen)
         else:
-            sets = {"item": matrix[chosen]}
+            sets = {"item": items}
         depth = min(k, n_items)
-        truth = {kind: exact_search(matrix, ids, q, depth) for kind, q in sets.items()}
+        truth = _exact(parts, ids, sets, depth, dim)
         steps = ladder(manifest["trees"], k)
-        # As many Annoy searches at once as ``threads`` (the climb splits each batch of queries; ShardSet
-        # splits by shard), so a release of one shard uses every CPU too.
-        index = ShardSet([local[s["path"]] for s in shards], dim, id_maps, threads=threads)
-        climb = _Ladder(index, sets, truth, [ids[i] for i in chosen], depth, steps, threads)
+        # One shard mapped at a time, its searches spread over ``threads`` (so that a release of one shard
+        # uses every CPU too); the climb itself calls it with every query of a step at once.
+        index = ShardByShard([local[s["path"]] for s in shards], dim, id_maps, threads=threads)
+        climb = _Ladder(index, sets, truth, [ids[i] for i in chosen], depth, steps, 1)
         try:
             done = climb.climb(min_recall, k)
             if done is not None:

@@ -215,7 +215,7 @@ def _plain_climb(path, manifest, steps):
         matrix += t["embedding"]
     matrix = np.array(matrix, np.float32)
     chosen = sorted(range(len(ids)), key=lambda i: recall._order(ids[i]))[:recall.sample_size(len(ids))]
-    sets = recall.query_sets(manifest, ids, matrix, (text[0], np.array(text[1], np.float32)),
+    sets = recall.query_sets(manifest, matrix[chosen], (text[0], np.array(text[1], np.float32)),
                              (image[0], np.array(image[1], np.float32)), chosen)
     truth = {kind: exact_search(matrix, ids, q, 10) for kind, q in sets.items()}
     maps = [pq.read_table(os.path.join(path, s["id_map"])).column("item_id").to_pylist() for s in manifest["shards"]]
@@ -236,19 +236,17 @@ def _plain_climb(path, manifest, steps):
 def test_the_climb_equals_searching_everything_at_every_step(fused_release, monkeypatch):
     """Whatever it skips, the gate chooses the step and gives the figures that searching every query at
     every step gives: here with min_recall at each step's lowest figure, so that each step is chosen once."""
-    from search.ann import ShardSet
-
     path, manifest = fused_release
     steps = recall.ladder(manifest["trees"])[:9]
     plain = _plain_climb(path, manifest, steps)
     searched = []
-    real = ShardSet.search
+    real = recall.ShardByShard.search
 
     def counting(self, vectors, k, search_k=-1):
         searched.append(len(vectors))
         return real(self, vectors, k, search_k)
 
-    monkeypatch.setattr(ShardSet, "search", counting)
+    monkeypatch.setattr(recall.ShardByShard, "search", counting)
     for search_k, by_kind, self_hit in plain:
         threshold = min(by_kind.values())
         first = next(i for i, (_, figures, _) in enumerate(plain) if min(figures.values()) >= threshold)
@@ -275,3 +273,84 @@ def test_column_vectors_reads_chunks_nulls_and_slices():
     assert recall._column_vectors(pa.array([], t), 3)[1].shape == (0, 3)
     with pytest.raises(ValueError, match=r"\[3\] values where 2"):
         recall._column_vectors(pa.array([[1, 2], [1, 2, 3]], t), 2)
+
+
+def _release_arrays(path, manifest):
+    ids, matrix = [], []
+    for s in manifest["shards"]:
+        t = pq.read_table(os.path.join(path, s["embeddings"]), columns=["item_id", "embedding"]).to_pydict()
+        ids += t["item_id"]
+        matrix += t["embedding"]
+    return ids, np.array(matrix, np.float32)
+
+
+@pytest.mark.parametrize("block_rows", [7, 1000, 1 << 16])
+def test_exact_search_by_blocks_equals_exact_search_over_everything(fused_release, monkeypatch, block_rows):
+    # Blocks of 7 rows cross row groups and parts; the first 40 items repeat items 40-79 (exact ties).
+    from search.ann import exact_search
+
+    path, manifest = fused_release
+    monkeypatch.setattr(recall, "BLOCK_ROWS", block_rows)
+    ids, matrix = _release_arrays(path, manifest)
+    rng = np.random.default_rng(5)
+    sets = {"item": matrix[:60], "random": rng.normal(size=(30, manifest["dimension"])).astype(np.float32)}
+    parts = [os.path.join(path, s["embeddings"]) for s in manifest["shards"]]
+    got = recall._exact(parts, ids, sets, 10, manifest["dimension"])
+    # A dot product's last bit depends on the matrix shape BLAS sees, so scores match within float32
+    # rounding and only near-ties (within 1e-6) may be ordered or cut differently.
+    eps = 1e-6
+    for kind, q in sets.items():
+        want = exact_search(matrix, ids, q, 10)
+        assert len(got[kind]) == len(want) == len(q)
+        for g, w in zip(got[kind], want):
+            assert len(g) == len(w) == 10
+            ref, tenth = dict(w), w[-1][1]
+            assert {i for i, sc in w if sc > tenth + eps} <= {i for i, _ in g}  # all but near-ties of the 10th
+            for i, sc in g:
+                assert abs(sc - ref[i]) <= eps if i in ref else sc <= tenth + eps
+            assert [sc for _, sc in g] == sorted((sc for _, sc in g), reverse=True)
+    top = got["item"][0]
+    assert [i for i, _ in top[:2]] == ["item-00000", "item-00040"] and top[0][1] == top[1][1]  # an exact tie: by id
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("search_k", [20, 160, -1])
+def test_shard_by_shard_answers_as_shardset_with_one_shard_mapped(fused_release, monkeypatch, threads, search_k):
+    from search.ann import ShardSet
+
+    path, manifest = fused_release
+    ids, matrix = _release_arrays(path, manifest)
+    maps = [pq.read_table(os.path.join(path, s["id_map"])).column("item_id").to_pylist() for s in manifest["shards"]]
+    paths = [os.path.join(path, s["path"]) for s in manifest["shards"]]
+    queries = np.concatenate([matrix[:80], np.zeros((1, manifest["dimension"]), np.float32)])
+    with ShardSet(paths, manifest["dimension"], maps) as every:
+        want = every.search(queries, 10, search_k)
+    mapped, most = [0], [0]
+    real_init, real_close = ShardSet.__init__, ShardSet.close
+
+    def opening(self, *a, **kw):
+        real_init(self, *a, **kw)
+        mapped[0] += len(self.shard_paths)
+        most[0] = max(most[0], mapped[0])
+
+    def closing(self):
+        if not self._closed:
+            mapped[0] -= len(self.shard_paths)
+        real_close(self)
+
+    monkeypatch.setattr(ShardSet, "__init__", opening)
+    monkeypatch.setattr(ShardSet, "close", closing)
+    index = recall.ShardByShard(paths, manifest["dimension"], maps, threads=threads)
+    try:
+        got = index.search(queries, 10, search_k)
+    finally:
+        index.close()
+    assert [[(h[0], h[1]) for h in hits] for hits in got] == [[(h[0], h[1]) for h in hits] for hits in want]
+    assert got[-1] == [] and len(got[0]) == 10
+    assert most[0] == 1 and mapped[0] == 0
+
+
+def test_measure_gives_the_golden_figures_reading_small_blocks(fused_release, monkeypatch):
+    path, manifest = fused_release
+    monkeypatch.setattr(recall, "BLOCK_ROWS", 33)
+    assert recall.measure(path, manifest, 0.95, threads=2) == GOLDEN[0.95]
