@@ -116,13 +116,36 @@ def checksum(path: str) -> tuple:
     return size, digest.hexdigest()
 
 
-def write_parquet(path: str, table: pa.Table) -> tuple:
-    """Writes a table as one Parquet file; returns (size, sha256 hex) of what was written."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    data = buf.getvalue()
-    write_bytes(path, data)
-    return len(data), hashlib.sha256(data).hexdigest()
+class _HashingWriter(io.RawIOBase):
+    """A write-only stream that hashes and counts what goes through it to ``out``."""
+
+    def __init__(self, out):
+        super().__init__()
+        self._out, self.digest, self.size = out, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = memoryview(data)
+        self.digest.update(data)
+        self._out.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def write_parquet(path: str, table: pa.Table, row_group_size: Optional[int] = None) -> tuple:
+    """Writes a table as one Parquet file; returns (size, sha256 hex) of what was written.
+
+    Streamed to the file system as the writer produces it (hashed on the way): buffering the file
+    first held two more copies of a shard's vectors in memory (issue 9)."""
+    with FileSystems.create(local_path(path), compression_type=_RAW) as out:
+        sink = _HashingWriter(out)
+        pq.write_table(table, pa.PythonFile(sink, mode="w"), compression="zstd", row_group_size=row_group_size)
+    return sink.size, sink.digest.hexdigest()
 
 
 def read_parquet(path: str, columns: Optional[list] = None) -> pa.Table:

@@ -15,14 +15,12 @@ bytes from both.
 """
 
 import dataclasses
-import io
 import os
 import tempfile
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from annoy import AnnoyIndex
 
 from pipelines import files
@@ -180,10 +178,27 @@ def _relist(column) -> tuple:
     return present, _list_array(present, lengths, flat), flat
 
 
+def _id_order(ids: list) -> Optional[list]:
+    """The row order sorted(items, key=item_id) gives, or None when the rows are in it already."""
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return None if all(i == r for i, r in enumerate(order)) else order
+
+
+def sorted_by_id(table: pa.Table) -> pa.Table:
+    """The rows sorted by item_id, as write_shard orders them. Sorting before the call lets the caller
+    drop the unsorted table: write_shard then holds one copy of the shard's vectors, not two (issue 9)."""
+    order = _id_order(table.column("item_id").to_pylist())
+    # take gives one chunk per column; so does combine_chunks, else write_shard would combine a copy
+    return table.combine_chunks() if order is None else table.take(pa.array(order, pa.int64()))
+
+
 def _rows_from_table(table: pa.Table, dim: int) -> _Rows:
     ids = table.column("item_id").to_pylist()
-    order = sorted(range(len(ids)), key=ids.__getitem__)  # the order sorted(items, key=item_id) gives
-    table = table.take(pa.array(order, pa.int64()))
+    order = _id_order(ids)
+    if order is not None:
+        table = table.take(pa.array(order, pa.int64()))
+    else:
+        order = range(len(ids))
     text_present, text, _ = _relist(table.column("text_embedding"))
     image_present, image, _ = _relist(table.column("image_embedding"))
     fused_present, fused_column, flat = _relist(table.column("embedding"))
@@ -207,6 +222,12 @@ def _rows_from_table(table: pa.Table, dim: int) -> _Rows:
                  flat.reshape(n, dim), fused_column, keys("text_sha256", text_present),
                  keys("image_sha256", image_present), table.column("image_uri").to_pylist(),
                  table.column("image_version").to_pylist(), counts)
+
+
+# Rows per row group of an embeddings part: Parquet's writer holds a row group's encoded columns until it
+# is complete, so one group per shard held ~1.4 copies of the shard's vectors on top of the table; 1,024
+# rows (~7.5 MiB at the built-in encoders' sizes) hold a few MiB (issue 9). Readers are unaffected.
+EMBEDDINGS_ROW_GROUP_ROWS = 1024
 
 
 def write_shard(items, index: int, num_shards: int, dim: int, trees: int, seed: int,
@@ -250,7 +271,8 @@ def write_shard(items, index: int, num_shards: int, dim: int, trees: int, seed: 
         ],
         schema=emb.EMBEDDINGS_SCHEMA,
     )
-    embeddings_checksum = files.write_parquet(files.join(version_dir, paths["embeddings"]), table)
+    embeddings_checksum = files.write_parquet(files.join(version_dir, paths["embeddings"]), table,
+                                              row_group_size=EMBEDDINGS_ROW_GROUP_ROWS)
     return ShardInfo(index, paths["path"], n, size, sha, paths["id_map"], paths["embeddings"],
                      id_map_checksum, embeddings_checksum, tuple(sorted(rows.vector_counts.items())))
 
@@ -311,17 +333,31 @@ def staging_table(items: Sequence[IndexedItem]) -> pa.Table:
     ], schema=STAGING_SCHEMA)
 
 
+STAGING_SUFFIX = ".arrow"
+
+
 def write_staging(items: Sequence[IndexedItem], path: str) -> int:
-    """Writes items to one staging Parquet file (uncompressed: it lives minutes); returns the row count."""
-    buf = io.BytesIO()
-    pq.write_table(staging_table(items), buf, compression="none")
-    files.write_bytes(path, buf.getvalue())
+    """Writes items to one staging file, Arrow IPC (uncompressed: it lives minutes); returns the row count.
+
+    Arrow IPC rather than Parquet: reading it back is one copy of its bytes (the table points into them),
+    where decoding Parquet's list<float> columns peaked at ~2.5 copies, two shards at a time (issue 9)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, STAGING_SCHEMA) as writer:
+        writer.write_table(staging_table(items))
+    files.write_bytes(path, memoryview(sink.getvalue()))
     return len(items)
+
+
+def _read_staging_file(path: str) -> pa.Table:
+    table = pa.ipc.open_file(pa.py_buffer(files.read_bytes(path))).read_all()
+    if not table.schema.equals(STAGING_SCHEMA):
+        raise RuntimeError(f"{path}: not a staging file of this version (schema {table.schema})")
+    return table
 
 
 def read_staged(paths: Sequence[str], expected_rows: Optional[int] = None) -> pa.Table:
     """The rows of staging files, concatenated (``STAGING_SCHEMA``; empty without files)."""
-    tables = [files.read_parquet(p).select(STAGING_SCHEMA.names).cast(STAGING_SCHEMA) for p in paths]
+    tables = [_read_staging_file(p) for p in paths]
     table = pa.concat_tables(tables) if tables else STAGING_SCHEMA.empty_table()
     if expected_rows is not None and table.num_rows != expected_rows:
         raise RuntimeError(f"staging files hold {table.num_rows} rows, expected {expected_rows}: {list(paths)}")

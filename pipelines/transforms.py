@@ -1233,7 +1233,7 @@ class _StageItems(_Staging):
     """Fused items -> staging Parquet files, one per shard per flush: ``(shard, (path, rows))``.
 
     Items wait in per-shard buffers until about ``max_bytes`` are held (or the bundle ends), then each
-    shard's buffer becomes one file ``<release>/_staging/shard-NNNNN/<uuid>.parquet``. Only the file
+    shard's buffer becomes one file ``<release>/_staging/shard-NNNNN/<uuid>.arrow``. Only the file
     names and row counts travel through the shuffle, so the local runner never holds the vectors of the
     whole catalog. (Not one file per fused batch: with 16 shards a batch of 32 would make files of ~2 rows.)
     A retried bundle leaves files no element names; nothing reads them and the staging folder goes.
@@ -1255,7 +1255,7 @@ class _StageItems(_Staging):
         for item in self._take():
             buffers.setdefault(shd.stable_shard(item.item_id, self._num_shards), []).append(item)
         for index in sorted(buffers):
-            path = files.join(shd.shard_staging_dir(self._version_dir, index), f"{uuid.uuid4().hex}.parquet")
+            path = files.join(shd.shard_staging_dir(self._version_dir, index), f"{uuid.uuid4().hex}{shd.STAGING_SUFFIX}")
             yield index, (path, shd.write_staging(buffers[index], path))
 
 
@@ -1283,6 +1283,15 @@ class _BuildShard(beam.DoFn):
     def _write(self, element):
         index, joined = element
         num_shards, dim, trees, seed, version_dir = self._args
+        table, samples = self._read(joined)
+        info = shd.write_shard(table, index, num_shards, dim, trees, seed, version_dir)
+        del table
+        files.delete_tree(shd.shard_staging_dir(version_dir, index))  # also any file a retried bundle left
+        return dataclasses.replace(info, samples=samples)
+
+    def _read(self, joined) -> tuple:
+        """(the shard's rows sorted by item_id, the query-sample candidates among carried rows). Only the
+        sorted table outlives this call: one copy of the shard's vectors while it is written."""
         staged = sorted(joined["staged"])
         table = shd.read_staged([path for path, _ in staged], sum(n for _, n in staged))
         carried = [c for group in joined.get("carried") or () for c in group]
@@ -1291,10 +1300,8 @@ class _BuildShard(beam.DoFn):
             rows = reuse.carried_rows(carried, self._previous_parts)
             samples = _sample_rows(rows, self._sample_size)
             table = pa.concat_tables([table, rows])
-        info = shd.write_shard(table, index, num_shards, dim, trees, seed, version_dir)
-        del table
-        files.delete_tree(shd.shard_staging_dir(version_dir, index))  # also any file a retried bundle left
-        return dataclasses.replace(info, samples=samples)
+            del rows
+        return shd.sorted_by_id(table), samples
 
     def _done(self, info):
         failpoint("after_shard")

@@ -1,6 +1,7 @@
 import collections
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from annoy import AnnoyIndex
@@ -111,13 +112,22 @@ def test_a_shard_built_from_staging_files_is_byte_identical_to_one_built_from_it
     # Staged in arrival order, split unevenly over files that are read back in another order.
     order = np.random.default_rng(1).permutation(len(its))
     parts = [[its[k] for k in order[a:b]] for a, b in ((0, 10), (10, 11), (11, 60), (60, 97))]
-    paths = [str(tmp_path / "staging" / f"part-{k}.parquet") for k in range(len(parts))]
+    paths = [str(tmp_path / "staging" / f"part-{k}.arrow") for k in range(len(parts))]
     assert [shd.write_staging(part, path) for part, path in zip(parts, paths)] == [10, 1, 49, 37]
     table = shd.read_staged(list(reversed(paths)), expected_rows=97)
     staged = shd.write_shard(table, 1, 3, 16, trees=5, seed=4, version_dir=str(tmp_path / "staged"))
     assert staged == reference  # counts, checksums and vector counts
     assert _written(staged, tmp_path / "staged") == _written(reference, tmp_path / "items")
     assert dict(staged.vectors) == shd.vector_counts(its)
+    # Sorted before the call (what _BuildShard does, so that it can drop the unsorted rows): the same bytes.
+    ordered = shd.sorted_by_id(shd.read_staged(list(reversed(paths)), expected_rows=97))
+    assert ordered.column("item_id").to_pylist() == sorted(it.item_id for it in its)
+    assert all(ordered.column(name).num_chunks == 1 for name in ordered.column_names)
+    again = shd.write_shard(ordered, 1, 3, 16, trees=5, seed=4, version_dir=str(tmp_path / "sorted"))
+    assert _written(again, tmp_path / "sorted") == _written(reference, tmp_path / "items")
+    # Already sorted but in several chunks (staging files read in order): one chunk, same rows.
+    chunked = pa.concat_tables([ordered.slice(0, 40), ordered.slice(40)])
+    assert shd.sorted_by_id(chunked).equals(ordered) and shd.sorted_by_id(chunked).column(2).num_chunks == 1
 
 
 def test_an_empty_shard_from_no_staging_files_matches_the_empty_shard(tmp_path):
@@ -129,7 +139,29 @@ def test_an_empty_shard_from_no_staging_files_matches_the_empty_shard(tmp_path):
 
 
 def test_staging_files_that_do_not_hold_the_announced_rows_are_refused(tmp_path):
-    path = str(tmp_path / "s.parquet")
+    path = str(tmp_path / "s.arrow")
     shd.write_staging(mixed_items(5), path)
     with pytest.raises(RuntimeError, match="hold 5 rows, expected 6"):
         shd.read_staged([path], expected_rows=6)
+
+
+def test_a_staging_file_of_another_schema_is_refused(tmp_path):
+    path = str(tmp_path / "old.arrow")
+    table = pa.table({"item_id": ["a"], "embedding": pa.array([[1.0]], pa.list_(pa.float32()))})
+    with pa.ipc.new_file(path, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(RuntimeError, match="not a staging file of this version"):
+        shd.read_staged([path])
+
+
+def test_embeddings_parts_are_written_in_small_row_groups(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    its = mixed_items(97)
+    whole = shd.write_shard(its, 0, 1, 16, trees=2, seed=0, version_dir=str(tmp_path / "a"))
+    monkeypatch.setattr(shd, "EMBEDDINGS_ROW_GROUP_ROWS", 40)
+    grouped = shd.write_shard(its, 0, 1, 16, trees=2, seed=0, version_dir=str(tmp_path / "b"))
+    first, second = (pq.ParquetFile(str(tmp_path / d / info.embeddings)) for d, info in (("a", whole), ("b", grouped)))
+    assert first.metadata.num_row_groups == 1  # 97 rows < 1,024
+    assert [second.metadata.row_group(i).num_rows for i in range(second.metadata.num_row_groups)] == [40, 40, 17]
+    assert first.read().equals(second.read())
