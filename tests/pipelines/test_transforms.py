@@ -444,7 +444,7 @@ def test_stage_items_sends_file_names_and_counts_not_items(tmp_path):
     assert sorted(files_by_shard) == sorted({f"shard-{shd.stable_shard(it.item_id, 4):05d}" for it in items})
     assert sum(len(v) for v in files_by_shard.values()) > 4  # a small buffer: several flushes
     for name, paths in files_by_shard.items():
-        ids = [i for path in paths for i in pq.read_table(path).column("item_id").to_pylist()]
+        ids = [i for path in paths for i in shd.read_staged([str(path)]).column("item_id").to_pylist()]
         assert all(f"shard-{shd.stable_shard(i, 4):05d}" == name for i in ids)
 
 
