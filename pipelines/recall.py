@@ -335,8 +335,9 @@ def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, thr
 
     Cost (issue 9: the gate runs at the end of every run, incremental ones too): vectors come from
     Arrow buffers, a block at a time, the text and image vectors only of the sampled rows, one shard
-    mapped at a time, and the ladder skips searches that cannot change the outcome (_Ladder). The result is exactly that of searching every sampled
-    query of every kind at every step (tests/pipelines/test_recall.py pins it).
+    mapped at a time, and the ladder skips searches that cannot change the outcome (_Ladder). The
+    result is exactly that of searching every sampled query of every kind at every step
+    (tests/pipelines/test_recall.py pins it).
     """
     import pyarrow.parquet as pq
 
