@@ -1255,7 +1255,8 @@ class _StageItems(_Staging):
         for item in self._take():
             buffers.setdefault(shd.stable_shard(item.item_id, self._num_shards), []).append(item)
         for index in sorted(buffers):
-            path = files.join(shd.shard_staging_dir(self._version_dir, index), f"{uuid.uuid4().hex}{shd.STAGING_SUFFIX}")
+            name = uuid.uuid4().hex + shd.STAGING_SUFFIX
+            path = files.join(shd.shard_staging_dir(self._version_dir, index), name)
             yield index, (path, shd.write_staging(buffers[index], path))
 
 
