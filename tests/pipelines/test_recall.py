@@ -9,7 +9,6 @@ from annoy import AnnoyIndex
 
 from pipelines import index_pipeline
 from pipelines import recall
-from pipelines import publication as pub
 from schemas.errors import PublicationError
 
 
