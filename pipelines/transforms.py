@@ -1230,7 +1230,7 @@ STAGE_BUFFER_BYTES = 32 << 20  # items held per worker before they go to staging
 
 
 class _StageItems(_Staging):
-    """Fused items -> staging Parquet files, one per shard per flush: ``(shard, (path, rows))``.
+    """Fused items -> staging files (Arrow IPC), one per shard per flush: ``(shard, (path, rows))``.
 
     Items wait in per-shard buffers until about ``max_bytes`` are held (or the bundle ends), then each
     shard's buffer becomes one file ``<release>/_staging/shard-NNNNN/<uuid>.arrow``. Only the file
@@ -1364,7 +1364,7 @@ def _sample_rows(rows: pa.Table, n: int) -> tuple:
 class WriteAnnoyShards(beam.PTransform):
     """Assigns items to shards by stable hash and builds each shard as one Beam element.
 
-    The items go to staging Parquet files under ``<version_dir>/_staging/`` as they arrive
+    The items go to staging files (Arrow IPC) under ``<version_dir>/_staging/`` as they arrive
     (``_StageItems``); only (shard, file name, row count) go through the shuffle, and each shard is
     built from its own files. Shards build in parallel across workers and in a thread pool within one
     (one shard's items must fit in one worker's memory). Every shard 0..N-1 is written, empty ones
