@@ -14,6 +14,7 @@ Beam IO, TensorFlow, a manifest or a worker is never a ``file://`` URI.
 
 import hashlib
 import io
+import logging
 import os
 import re
 import uuid
@@ -24,8 +25,10 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+import pipelines
 from schemas import layout
 
+_log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
 _RAW = CompressionTypes.UNCOMPRESSED
 _SCHEME = re.compile(r"([a-zA-Z][-a-zA-Z0-9+.]*)://")  # FileSystems.get_scheme's pattern
@@ -212,20 +215,25 @@ def delete_tree(directory: str) -> None:
             pass
 
 
-ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
+ARROW_POOL_ENV = pipelines.ARROW_POOL_ENV
 
 
 def use_system_memory_pool() -> str:
     """Arrow buffers from the C library's malloc, in this process and in the workers it starts.
 
-    Arrow's default pool in the pyarrow wheels (mimalloc) keeps memory that Beam's bundle threads freed:
-    through the encode stage of a local run RSS grew ~2.6-3.1 KiB per item with it and ~1 KiB with the
-    system pool (issue 9; benchmarks/README.md "Arrow's memory pool"). The environment variable is set
-    too, so SDK worker processes of the local runner's multi-processing mode start with the same pool.
-    An ``ARROW_DEFAULT_MEMORY_POOL`` the user set is left alone. Returns the backend in use.
+    Arrow's default pool in the pyarrow wheels (mimalloc) keeps memory that Beam's bundle threads freed
+    (issue 9; benchmarks/README.md "Arrow's memory pool"). Importing ``pipelines`` sets
+    ``ARROW_DEFAULT_MEMORY_POOL`` before pyarrow loads, which is what Arrow's C++ readers follow, and
+    worker processes inherit it; this call sets pyarrow's own default to match, and says so when pyarrow
+    was loaded first (then Arrow's C++ code keeps the pool it chose: set the variable in the environment).
+    A pool the user chose through the variable is left alone. Returns pyarrow's default backend.
     """
-    if os.environ.get(ARROW_POOL_ENV):
+    if not pipelines.POOL_CHOSEN_HERE:
         return pa.default_memory_pool().backend_name
-    os.environ[ARROW_POOL_ENV] = "system"
-    pa.set_memory_pool(pa.system_memory_pool())
+    if pa.default_memory_pool().backend_name != pipelines.ARROW_POOL:
+        _log.warning("pyarrow was loaded before catalog-index set %s=%s, so Arrow's readers keep its default "
+                     "pool (%s) and memory grows with the catalog; set %s=%s in the environment",
+                     ARROW_POOL_ENV, pipelines.ARROW_POOL, pa.default_memory_pool().backend_name,
+                     ARROW_POOL_ENV, pipelines.ARROW_POOL)
+        pa.set_memory_pool(pa.system_memory_pool())
     return pa.default_memory_pool().backend_name

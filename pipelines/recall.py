@@ -20,6 +20,7 @@ mapped at a time (``ShardByShard``).
 
 import concurrent.futures
 import hashlib
+import heapq
 import logging
 import os
 import shutil
@@ -87,6 +88,8 @@ def _column_vectors(column, dim):
         parts.append(np.asarray(arr.flatten(), np.float32).reshape(-1, dim))  # flatten(): offsets, nulls skipped
         rows.extend((base + np.flatnonzero(present)).tolist())
         base += len(arr)
+    if len(parts) == 1:  # a record batch's column: Arrow's buffer itself, read-only, no copy (issue 9)
+        return rows, parts[0]
     return rows, (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
 
 
@@ -145,7 +148,7 @@ class _Ladder:
     refusal fills in every (query, step) not searched, so its message has every figure, as before.
     """
 
-    def __init__(self, index, sets: dict, truth: dict, sampled_ids: list, depth: int, steps: list, threads: int):
+    def __init__(self, index, sets: dict, truth: dict, sampled_ids: list, depth: int, steps: list):
         """``sets``/``truth``: query_sets and their exact top ``depth``; ``sampled_ids``: the item id of
         each "item" query (for self-hit@1)."""
         self.index, self.sets, self.depth, self.steps = index, sets, depth, steps
@@ -155,22 +158,12 @@ class _Ladder:
         self.recall = {kind: np.full((len(steps), len(q)), np.nan) for kind, q in sets.items()}
         self.self_hit = np.zeros((len(steps), len(sets["item"])), bool)
         self.perfect = {kind: np.zeros(len(q), bool) for kind, q in sets.items()}
-        self.threads = threads
-        self.pool = concurrent.futures.ThreadPoolExecutor(threads) if threads > 1 else None
         self.searched = 0
 
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-
     def _search(self, queries: np.ndarray, search_k: int) -> list:
-        """index.search in pieces on the pool (Annoy releases the GIL); results in query order."""
+        """index.search (which spreads the queries over its threads); results in query order."""
         self.searched += len(queries)
-        if self.pool is None or len(queries) < 2 * self.threads:
-            return self.index.search(queries, self.depth, search_k)
-        pieces = np.array_split(queries, min(len(queries), 4 * self.threads))  # 4x: evens out slow queries
-        found = self.pool.map(lambda piece: self.index.search(piece, self.depth, search_k), pieces)
-        return [hits for part in found for hits in part]
+        return self.index.search(queries, self.depth, search_k)
 
     def _measure(self, kind: str, step: int, which: np.ndarray) -> None:
         """Searches the queries ``which`` (a boolean mask) of one kind at one step; records their recall."""
@@ -226,7 +219,11 @@ class _Ladder:
         return None
 
 
-BLOCK_ROWS = 1 << 16  # rows of the embeddings table the gate reads at once
+# Rows of the embeddings table the gate reads at once. A block costs ~3 copies of its fused vectors
+# (Arrow's, exact_search's normalised one, part of the score table): 16,384 rows at 256-d ~48 MiB, the
+# same at 20k items as at 1M (issue 9: 65,536 rows made the gate's peak grow with the catalog up to
+# 65,536 items, ~160 MiB more at 100k than at 10k). Smaller blocks cost more Python per query.
+BLOCK_ROWS = 1 << 14
 
 
 def _blocks(paths: list, columns: list):
@@ -358,8 +355,16 @@ def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, thr
         ids = []
         for path in parts:
             ids.extend(pq.read_table(path, columns=["item_id"]).column("item_id").to_pylist())
+        # The id maps list the parts' ids in the same order (write_shard writes both from the same rows):
+        # one list of strings, not two, when they agree, as they do unless a file was tampered with.
+        at = 0
+        for i, shard_ids in enumerate(id_maps):
+            if ids[at:at + len(shard_ids)] == shard_ids:
+                id_maps[i] = ids[at:at + len(shard_ids)]
+            at += len(shard_ids)
         m = sample_size(n_items)
-        chosen = sorted(range(len(ids)), key=lambda i: _order(ids[i]))[:m]
+        # heapq.nsmallest == sorted(...)[:m] without a key per item held at once
+        chosen = heapq.nsmallest(m, range(len(ids)), key=lambda i: _order(ids[i]))
         names = ["embedding"] + (["text_embedding", "image_embedding"] if "fusion" in manifest else [])
         items, modal = _sampled_vectors(parts, names, sorted(chosen), manifest, dim)
         items = np.stack([items[r] for r in chosen]) if chosen else np.zeros((0, dim), np.float32)
@@ -373,7 +378,7 @@ def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, thr
         # One shard mapped at a time, its searches spread over ``threads`` (so that a release of one shard
         # uses every CPU too); the climb itself calls it with every query of a step at once.
         index = ShardByShard([local[s["path"]] for s in shards], dim, id_maps, threads=threads)
-        climb = _Ladder(index, sets, truth, [ids[i] for i in chosen], depth, steps, 1)
+        climb = _Ladder(index, sets, truth, [ids[i] for i in chosen], depth, steps)
         try:
             done = climb.climb(min_recall, k)
             if done is not None:
@@ -385,7 +390,6 @@ def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, thr
             tried = [(search_k, {kind: climb.figure(kind, step) for kind in sets})
                      for step, search_k in enumerate(steps)]
         finally:
-            climb.close()
             index.close()
         figures = "; ".join(f"search_k {sk}: " + ", ".join(f"{kind} {r:.3f}" for kind, r in rs.items())
                             for sk, rs in tried)

@@ -81,9 +81,10 @@ ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("o
     __import__("os").path.abspath(__file__))))
 
 
-def _pool_in_child(preset):
-    """(returned backend, default pool's backend, the env var) in a fresh interpreter: the pool is
-    process-wide, so the test process's own is not touched."""
+def _child(code: str, preset=None) -> list:
+    """Runs ``code`` in a fresh interpreter (the pool is process-wide: the test process's own is not
+    touched) with ARROW_DEFAULT_MEMORY_POOL unset or ``preset``; its last line of stdout as JSON, and
+    its stderr."""
     import json
     import os
     import subprocess
@@ -92,21 +93,69 @@ def _pool_in_child(preset):
     env = {k: v for k, v in os.environ.items() if k != files.ARROW_POOL_ENV}
     if preset:
         env[files.ARROW_POOL_ENV] = preset
-    code = ("import json, os, pyarrow as pa; from pipelines import files; r = files.use_system_memory_pool(); "
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+# Reads a Parquet file of list<float> vectors (Arrow's C++ reader allocates from Arrow's C++ default pool,
+# not from pyarrow's) and reports how much mimalloc, the wheels' default pool, ever held.
+_READ_VECTORS = (
+    "import json, os, tempfile, pyarrow as pa, pyarrow.parquet as pq\n"
+    "path = os.path.join(tempfile.mkdtemp(), 'v.parquet')\n"
+    "pq.write_table(pa.table({'v': [[float(i)] * 64 for i in range(5000)]}), path)\n"
+    "pq.read_table(path)\n"
+    "print(json.dumps([pa.mimalloc_memory_pool().max_memory(), pa.default_memory_pool().backend_name, "
+    "os.environ.get('ARROW_DEFAULT_MEMORY_POOL')]))\n")
+
+
+def _require_mimalloc():
+    import pyarrow as pa
+    import pytest
+
+    try:
+        pa.mimalloc_memory_pool()
+    except NotImplementedError:  # pragma: no cover - the pinned wheels have it
+        pytest.skip("this pyarrow build has no mimalloc pool, the default this test switches away from")
+
+
+def test_importing_pipelines_moves_arrows_cpp_readers_off_mimalloc():
+    # The issue 9 finding: pyarrow.set_memory_pool after pyarrow loaded left Arrow's C++ readers on
+    # mimalloc (which kept what bundle threads freed). Importing the package first sets the variable
+    # Arrow's C++ library reads when it loads.
+    _require_mimalloc()
+    control, _ = _child("import pyarrow as pa; pa.set_memory_pool(pa.system_memory_pool())\n" + _READ_VECTORS)
+    assert control[0] > 0  # the instrument sees mimalloc used when the pool is set too late
+    mimalloc, backend, env = _child("import pipelines\n" + _READ_VECTORS)[0]
+    assert (mimalloc, backend, env) == (0, "system", "system")
+
+
+def test_the_command_line_loads_pipelines_before_pyarrow():
+    # catalog-index's pipeline commands import pipelines.* first; nothing on the way loads pyarrow.
+    loaded, _ = _child("import json, sys, catalog_index.cli; from pipelines import index_pipeline; "
+                       "import pipelines; print(json.dumps([pipelines.POOL_CHOSEN_HERE]))")
+    assert loaded == [True]
+    before, _ = _child("import json, sys, catalog_index.cli; print(json.dumps(['pyarrow' in sys.modules]))")
+    assert before == [False]
+
+
+def test_use_system_memory_pool_after_a_late_pyarrow_warns_and_switches_pyarrows_pool():
+    code = ("import json, logging, os, pyarrow as pa; logging.basicConfig(); from pipelines import files; "
+            "r = files.use_system_memory_pool(); "
             "print(json.dumps([r, pa.default_memory_pool().backend_name, os.environ.get(files.ARROW_POOL_ENV)]))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    out, err = _child(code)
+    assert out == ["system", "system", "system"]
+    assert "pyarrow was loaded before catalog-index set ARROW_DEFAULT_MEMORY_POOL=system" in err
 
 
-def test_use_system_memory_pool_switches_arrow_from_its_default_pool():
-    # pyarrow's wheels default to mimalloc; after the call Arrow allocates with malloc, and worker
-    # processes started from here inherit the choice through the environment.
-    assert _pool_in_child(None) == ["system", "system", "system"]
-
-
-def test_use_system_memory_pool_leaves_the_users_choice():
-    assert _pool_in_child("jemalloc") == ["jemalloc", "jemalloc", "jemalloc"]
+def test_the_users_pool_is_kept():
+    _require_mimalloc()
+    out, err = _child("import pipelines; from pipelines import files; files.use_system_memory_pool()\n"
+                      + _READ_VECTORS, preset="jemalloc")
+    assert out[1:] == ["jemalloc", "jemalloc"] and "pyarrow was loaded" not in err
+    out, _ = _child("import pipelines; from pipelines import files; files.use_system_memory_pool()\n"
+                    + _READ_VECTORS, preset="mimalloc")
+    assert out[0] > 0 and out[1:] == ["mimalloc", "mimalloc"]
 
 
 def test_pipelines_switch_the_pool_before_anything_else(monkeypatch):
