@@ -13,9 +13,9 @@ The gate runs at the end of every run, incremental ones too (issue 9), so it doe
 answer needs: vectors come from Arrow buffers (the text and image ones only for the sampled rows),
 and the climb skips searches that cannot change the outcome (``_Ladder``), with searches spread over
 the CPUs. Its answer is exactly that of searching every sampled query of every kind at every step.
-Its memory does not grow with the release beyond ids (issue 9): the embeddings are read a block of
-BLOCK_ROWS rows at a time (exact search merges the blocks' top k) and one shard's Annoy file is
-mapped at a time (``ShardByShard``).
+Its memory does not grow with the release beyond ids (issue 9): the embeddings are read READ_ROWS
+rows at a time and scored BLOCK_ROWS rows at a time (exact search merges the blocks' top k), and one
+shard's Annoy file is mapped at a time (``ShardByShard``).
 """
 
 import concurrent.futures
@@ -219,33 +219,57 @@ class _Ladder:
         return None
 
 
-# Rows of the embeddings table the gate reads at once. A block costs ~3 copies of its fused vectors
-# (Arrow's, exact_search's normalised one, part of the score table): 16,384 rows at 256-d ~48 MiB, the
-# same at 20k items as at 1M (issue 9: 65,536 rows made the gate's peak grow with the catalog up to
-# 65,536 items, ~160 MiB more at 100k than at 10k). Smaller blocks cost more Python per query.
+# The gate reads the embeddings READ_ROWS rows at a time (decoding list<float> from Parquet holds several
+# copies of what it decodes: ~55 MiB for one 6,250-row part at 256 + 64 + 48 floats, which stayed in RSS)
+# and scores BLOCK_ROWS fused rows at a time, copied into one reused block: 16,384 rows at 256-d are
+# 16 MiB, twice with exact_search's normalised copy, the same at 20k items as at 1M (issue 9: a part or
+# a 65,536-row block at a time made the gate's peak grow with the catalog). Smaller blocks cost more
+# Python per query (exact_search's top k per block).
+READ_ROWS = 1024
 BLOCK_ROWS = 1 << 14
 
 
-def _blocks(paths: list, columns: list):
-    """(first row, RecordBatch) over the embeddings parts in order, at most BLOCK_ROWS rows each."""
+def _batches(paths: list, columns: list):
+    """(first row, RecordBatch) over the embeddings parts in order, at most READ_ROWS rows each."""
     import pyarrow.parquet as pq
 
     base = 0
     for path in paths:
         with pq.ParquetFile(path) as part:
-            for batch in part.iter_batches(batch_size=BLOCK_ROWS, columns=columns):
+            for batch in part.iter_batches(batch_size=READ_ROWS, columns=columns):
                 yield base, batch
                 base += batch.num_rows
 
 
+def _fused_blocks(paths: list, dim: int):
+    """(first row, float32 [rows, dim]) of the fused column over all parts, BLOCK_ROWS rows a block (the
+    last may be shorter). The block's memory is reused: it is valid until the next one is asked for."""
+    block = np.empty((BLOCK_ROWS, dim), np.float32)
+    start = filled = 0
+    for _, batch in _batches(paths, ["embedding"]):
+        rows, vecs = _column_vectors(batch.column("embedding"), dim)
+        if len(rows) != batch.num_rows:
+            raise ValueError("the embeddings table has rows without a fused vector")
+        at = 0
+        while at < len(vecs):
+            n = min(BLOCK_ROWS - filled, len(vecs) - at)
+            block[filled:filled + n] = vecs[at:at + n]
+            filled, at = filled + n, at + n
+            if filled == BLOCK_ROWS:
+                yield start, block
+                start, filled = start + filled, 0
+    if filled:
+        yield start, block[:filled]
+
+
 def _sampled_vectors(parts: list, names: list, picked: list, manifest: dict, dim: int) -> tuple:
     """({row: fused vector} of the picked rows, {"text_embedding"/"image_embedding": (rows, vectors)} of
-    those of them that have one), read a block at a time."""
+    those of them that have one), read READ_ROWS rows at a time."""
     import pyarrow as pa
 
     items, modal = {}, {name: ([], []) for name in names[1:]}
     at = 0
-    for base, batch in _blocks(parts, names):
+    for base, batch in _batches(parts, names):
         end = base + batch.num_rows
         start = at
         while at < len(picked) and picked[at] < end:
@@ -275,13 +299,8 @@ def _exact(parts: list, ids: list, sets: dict, depth: int, dim: int) -> dict:
     from search.ann import exact_search
 
     best = {kind: [[] for _ in range(len(q))] for kind, q in sets.items()}
-    for base, batch in _blocks(parts, ["embedding"]):
-        rows, block = _column_vectors(batch.column("embedding"), dim)
-        if len(rows) != batch.num_rows:
-            raise ValueError("the embeddings table has rows without a fused vector")
-        if not batch.num_rows:
-            continue
-        block_ids = ids[base:base + batch.num_rows]
+    for base, block in _fused_blocks(parts, dim):
+        block_ids = ids[base:base + len(block)]
         for kind, q in sets.items():
             found = exact_search(block, block_ids, q, depth)
             best[kind] = [sorted(a + b, key=lambda hit: (-hit[1], hit[0]))[:depth]
@@ -349,7 +368,7 @@ def measure(release_dir: str, manifest: dict, min_recall: float, k: int = K, thr
         id_maps = [pq.read_table(local[s["id_map"]], columns=["item_id"]).column("item_id").to_pylist()
                    for s in shards]
         parts = [local[s["embeddings"]] for s in shards]
-        # The ids first, to choose the sample; then the sampled rows' vectors, a block of rows at a time
+        # The ids first, to choose the sample; then the sampled rows' vectors, a few rows at a time
         # (only the columns the gate uses), so that no more than a block of the release's vectors is
         # in memory at once (issue 9: the gate held every fused vector twice, and every Annoy file).
         ids = []

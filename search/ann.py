@@ -157,7 +157,7 @@ class ShardSet:
         self.close()
 
 
-SCORE_BYTES = 64 << 20  # queries are scored in chunks of at most this many bytes of scores
+SCORE_BYTES = 16 << 20  # queries are scored in chunks of at most this many bytes of scores (the gate: issue 9)
 
 
 def exact_search(matrix: np.ndarray, ids: list, vectors: np.ndarray, k: int) -> list:

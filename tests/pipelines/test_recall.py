@@ -283,12 +283,29 @@ def _release_arrays(path, manifest):
     return ids, np.array(matrix, np.float32)
 
 
-@pytest.mark.parametrize("block_rows", [7, 1000, 1 << 16])
-def test_exact_search_by_blocks_equals_exact_search_over_everything(fused_release, monkeypatch, block_rows):
+@pytest.mark.parametrize("read_rows,block_rows", [(7, 7), (5, 13), (1024, 1000), (1024, 1 << 16)])
+def test_fused_blocks_are_the_fused_column_in_order(fused_release, monkeypatch, read_rows, block_rows):
+    # Reads of 5 rows filling blocks of 13 cross reads, row groups and parts; each block is copied
+    # before the next (the generator reuses its memory).
+    path, manifest = fused_release
+    monkeypatch.setattr(recall, "READ_ROWS", read_rows)
+    monkeypatch.setattr(recall, "BLOCK_ROWS", block_rows)
+    ids, matrix = _release_arrays(path, manifest)
+    parts = [os.path.join(path, s["embeddings"]) for s in manifest["shards"]]
+    got = [(start, block.copy()) for start, block in recall._fused_blocks(parts, manifest["dimension"])]
+    assert [start for start, _ in got] == list(range(0, len(ids), block_rows))
+    assert all(len(b) == block_rows for _, b in got[:-1]) and 0 < len(got[-1][1]) <= block_rows
+    assert np.array_equal(np.concatenate([b for _, b in got]), matrix)
+
+
+@pytest.mark.parametrize("read_rows,block_rows", [(7, 7), (5, 13), (1024, 1000), (1024, 1 << 16)])
+def test_exact_search_by_blocks_equals_exact_search_over_everything(fused_release, monkeypatch, read_rows,
+                                                                    block_rows):
     # Blocks of 7 rows cross row groups and parts; the first 40 items repeat items 40-79 (exact ties).
     from search.ann import exact_search
 
     path, manifest = fused_release
+    monkeypatch.setattr(recall, "READ_ROWS", read_rows)
     monkeypatch.setattr(recall, "BLOCK_ROWS", block_rows)
     ids, matrix = _release_arrays(path, manifest)
     rng = np.random.default_rng(5)
@@ -351,5 +368,6 @@ def test_shard_by_shard_answers_as_shardset_with_one_shard_mapped(fused_release,
 
 def test_measure_gives_the_golden_figures_reading_small_blocks(fused_release, monkeypatch):
     path, manifest = fused_release
+    monkeypatch.setattr(recall, "READ_ROWS", 5)
     monkeypatch.setattr(recall, "BLOCK_ROWS", 33)
     assert recall.measure(path, manifest, 0.95, threads=2) == GOLDEN[0.95]
