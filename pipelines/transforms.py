@@ -351,7 +351,12 @@ class _Staging(beam.DoFn):
             yield GlobalWindows.windowed_value(element)
 
 
-STAGE_BYTES = 32 << 20  # rows or batches held per worker before they go to a staging file
+# What a worker holds before it writes a staging file (rows, slim batches; text vectors; fused items).
+# Each is a fixed cap, but a catalog below it never reaches it, so the caps were part of the growth from
+# 10k to 100k items: 32 MiB each put the 100k run's peak ~85 MiB higher than 8 MiB does (issue 9,
+# benchmarks/README.md). Smaller caps mean more, smaller staging files (at 1M items and 16 shards, ~180
+# files per shard, read back once).
+STAGE_BYTES = 8 << 20  # rows or batches held per worker before they go to a staging file
 
 
 class StagedRef(NamedTuple):
@@ -663,7 +668,7 @@ def text_groups(num_buckets: int, batch_size: int) -> int:
     return max(1, -(-num_buckets * batch_size * 8 // TEXTS_PER_GROUP))
 
 
-STAGE_TEXT_BYTES = 32 << 20  # text vectors held per worker before they go to a staging file
+STAGE_TEXT_BYTES = 8 << 20  # text vectors held per worker before they go to a staging file (see STAGE_BYTES)
 
 
 class TextRef(NamedTuple):
@@ -1226,7 +1231,7 @@ class SampleQueryInputs(beam.PTransform):
 # WriteAnnoyShards
 
 
-STAGE_BUFFER_BYTES = 32 << 20  # items held per worker before they go to staging files
+STAGE_BUFFER_BYTES = 8 << 20  # items held per worker before they go to staging files (see STAGE_BYTES)
 
 
 class _StageItems(_Staging):
