@@ -150,6 +150,11 @@ def _decode_column(column, name: str, path: str, first: int, problems: dict) -> 
     return values
 
 
+# Rows decoded at a time within a row group: catalogs written by Spark or BigQuery hold up to ~1M rows in
+# one group, and decoding a whole group into Python strings held all of them at once (issue 9).
+READ_BATCH_ROWS = 4096
+
+
 class _ReadRowGroup(beam.DoFn):
     def __init__(self):
         self._read = progress.counter(progress.ROWS_READ)
@@ -160,14 +165,19 @@ class _ReadRowGroup(beam.DoFn):
             pf = pq.ParquetFile(f)
             wanted = [c for c in cat.COLUMNS if pf.schema_arrow.get_field_index(c) >= 0]
             has_version = pf.schema_arrow.get_field_index(cat.IMAGE_VERSION) >= 0
-            table = pf.read_row_group(group, columns=wanted + ([cat.IMAGE_VERSION] if has_version else []))
-        n = table.num_rows
-        problems = {}  # row index in the group -> messages, in column order
-        columns = {c: (_decode_column(table.column(c), c, path, first, problems) if c in wanted else [None] * n)
+            for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[group],
+                                         columns=wanted + ([cat.IMAGE_VERSION] if has_version else [])):
+                yield from self._rows(batch, wanted, has_version, path, first)
+                first += batch.num_rows
+
+    def _rows(self, batch, wanted, has_version, path, first):
+        n = batch.num_rows
+        problems = {}  # row index in the batch -> messages, in column order
+        columns = {c: (_decode_column(batch.column(c), c, path, first, problems) if c in wanted else [None] * n)
                    for c in cat.COLUMNS}
         versions = [None] * n
         if has_version:
-            column = table.column(cat.IMAGE_VERSION)
+            column = batch.column(cat.IMAGE_VERSION)
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
                 versions = _decode_column(column, cat.IMAGE_VERSION, path, first, problems)
             else:

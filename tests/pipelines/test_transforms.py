@@ -22,7 +22,10 @@ def row(item_id, title="t", image_uri=None, source="a.parquet", n=0, description
     return tr.CatalogRow(item_id, title, description, image_uri, source, n)
 
 
-def test_read_catalog_reads_every_row_group_with_source_and_row(tmp_path):
+@pytest.mark.parametrize("batch_rows", [4, tr.READ_BATCH_ROWS])
+def test_read_catalog_reads_every_row_group_with_source_and_row(tmp_path, monkeypatch, batch_rows):
+    # Batches of 4 rows cut each 10-row group in three (issue 9: a row group is decoded a batch at a time).
+    monkeypatch.setattr(tr, "READ_BATCH_ROWS", batch_rows)
     path = str(tmp_path / "c.parquet")
     table = pa.table({"item_id": [f"i{k}" for k in range(25)], "title": ["x"] * 25, "price": [1.0] * 25})
     pq.write_table(table, path, row_group_size=10)  # 3 row groups, no description/image columns
@@ -38,7 +41,9 @@ def _unvalidated_strings(values):
     return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers(), raw.null_count)
 
 
-def test_read_catalog_rejects_rows_with_invalid_utf8_and_reads_the_rest(tmp_path):
+@pytest.mark.parametrize("batch_rows", [4, tr.READ_BATCH_ROWS])
+def test_read_catalog_rejects_rows_with_invalid_utf8_and_reads_the_rest(tmp_path, monkeypatch, batch_rows):
+    monkeypatch.setattr(tr, "READ_BATCH_ROWS", batch_rows)  # rows 3 and 17 fall in the 1st and 5th batch of 4
     path = str(tmp_path / "bad.parquet")
     n = 25
     ids = [f"i{k}".encode() for k in range(n)]
