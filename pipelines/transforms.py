@@ -361,12 +361,12 @@ class _Staging(beam.DoFn):
             yield GlobalWindows.windowed_value(element)
 
 
-# What a worker holds before it writes a staging file (rows, slim batches; text vectors; fused items).
+# What a worker holds before it writes a staging file (rows, slim batches, texts; text vectors; fused items).
 # Each is a fixed cap, but a catalog below it never reaches it, so the caps were part of the growth from
 # 10k to 100k items: 32 MiB each put the 100k run's peak ~85 MiB higher than 8 MiB does (issue 9,
 # benchmarks/README.md). Smaller caps mean more, smaller staging files (at 1M items and 16 shards, ~180
 # files per shard, read back once).
-STAGE_BYTES = 8 << 20  # rows or batches held per worker before they go to a staging file
+STAGE_BYTES = 8 << 20  # rows, batches or texts held per worker before they go to a staging file
 
 
 class StagedRef(NamedTuple):
@@ -632,40 +632,25 @@ def _texts_by_key(element):
                 yield key, (bucket, text)
 
 
-class _TextGroup(beam.CombineFn):
+def group_texts(values) -> tuple:
     """(text key, bucket, text) of the items of one text group -> (records, texts): each distinct text once,
     with the sorted buckets holding an item with it (records: (text key, buckets)), in length order, then
     key order (where the encoder cannot count its tokens, Encoder.fixed_batches keeps this order, and
-    neighbours of similar length share model batches). A combiner, keyed by group, so that runners
-    deduplicate before the shuffle and one shuffle delivers each group: the distinct texts are held once.
-    """
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, accumulator, value):
-        key, bucket, text = value
-        entry = accumulator.get(key)
+    neighbours of similar length share model batches). The order depends on the group's texts alone."""
+    by_key = {}
+    for key, bucket, text in values:
+        entry = by_key.get(key)
         if entry is None:
-            accumulator[key] = (text, {bucket})
+            by_key[key] = (text, {bucket})
         else:
             entry[1].add(bucket)
-        return accumulator
+    keys = sorted(by_key, key=lambda k: (len(by_key[k][0]), k))
+    return [(k, tuple(sorted(by_key[k][1]))) for k in keys], [by_key[k][0] for k in keys]
 
-    def merge_accumulators(self, accumulators):
-        merged = {}
-        for accumulator in accumulators:
-            for key, (text, buckets) in accumulator.items():
-                entry = merged.get(key)
-                if entry is None:
-                    merged[key] = (text, set(buckets))
-                else:
-                    entry[1].update(buckets)
-        return merged
 
-    def extract_output(self, accumulator):
-        keys = sorted(accumulator, key=lambda k: (len(accumulator[k][0]), k))
-        return [(k, tuple(sorted(accumulator[k][1]))) for k in keys], [accumulator[k][0] for k in keys]
+def _text_bytes(value) -> int:
+    """Rough memory of a (text key, bucket, text) waiting to be staged."""
+    return 250 + len(value[2])
 
 
 # Distinct texts per text group, about: big groups leave fewer model batches part-filled (each group
@@ -774,9 +759,12 @@ class _EncodeTexts(beam.PTransform):
     encoder costs as much as the image encoder, so identical texts are grouped
     by sha256 and encoded once; each vector then goes to a staging file under
     ``version_dir`` once for each bucket with an item that has the text
-    (_StageTextVectors). The distinct texts are spread over ``text_groups``
-    groups by sha256 and listed once per group by a combiner (_TextGroup: one
-    shuffle, deduplicated before it); each group (small ones packed together,
+    (_StageTextVectors). The texts are spread over ``text_groups`` groups by
+    sha256 and wait in staging files (_StageByBucket, kind "texts"): only
+    references go through the shuffle that gathers a group (issue 9: a combiner
+    of the texts held every distinct text in the local runner's shuffle, ~1 KiB
+    per item at the peak). Each group is read back and listed once
+    (group_texts, ~TEXTS_PER_GROUP texts); each (small ones packed together,
     _Pack) is one example for the encoder, which cuts it
     into model batches whose shape depends on each text alone
     (Encoder.fixed_batches): a text's vector is the same whatever else the
@@ -799,8 +787,9 @@ class _EncodeTexts(beam.PTransform):
             batches
             | "KeyTexts" >> beam.ParDo(_KeyTexts())
             | "KeyTextGroups" >> beam.Map(lambda kv: (int(kv[0][:8], 16) % ng, (kv[0], kv[1][0], kv[1][1])))
-            | "ListGroupTexts" >> beam.CombinePerKey(_TextGroup())
-            | "ToExamples" >> beam.Map(lambda kv: [kv[1]])
+            | "StageTexts" >> beam.ParDo(_StageByBucket(self._version_dir, "texts", _text_bytes))
+            | "GroupTextFiles" >> beam.GroupByKey()
+            | "ListGroupTexts" >> beam.Map(lambda kv: [group_texts(read_staged(kv[1]))])
             | "PackTexts" >> beam.ParDo(_Pack(TEXTS_PER_GROUP))
             | "RunTextEncoder" >> RunInference(self._handler)
             | "StageTextVectors" >> beam.ParDo(_StageTextVectors(self._version_dir)).with_outputs(

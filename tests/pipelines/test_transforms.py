@@ -182,17 +182,13 @@ def test_pack_images_holds_batches_until_a_model_batch_of_images_is_there():
     assert packed == [recs[5]] and len(pack_arrays) == 1
 
 
-def test_text_group_lists_each_distinct_text_once_with_its_buckets():
-    fn = tr._TextGroup()
-    first = fn.create_accumulator()
-    for value in [("kb", 2, "tea"), ("ka", 1, "green tea"), ("kb", 0, "tea")]:
-        first = fn.add_input(first, value)
-    second = fn.add_input(fn.create_accumulator(), ("ka", 3, "green tea"))
-    second = fn.add_input(second, ("kc", 1, "jam"))
-    records, texts = fn.extract_output(fn.merge_accumulators([first, second]))
+def test_group_texts_lists_each_distinct_text_once_with_its_buckets():
+    values = [("kb", 2, "tea"), ("ka", 1, "green tea"), ("kb", 0, "tea"), ("ka", 3, "green tea"), ("kc", 1, "jam")]
+    records, texts = tr.group_texts(values)
     # Length order, then key order: "tea" (kb) and "jam" (kc) both have 3 characters.
     assert texts == ["tea", "jam", "green tea"]
     assert records == [("kb", (0, 2)), ("kc", (1,)), ("ka", (1, 3))]
+    assert tr.group_texts(values[::-1]) == (records, texts)  # the order the values come in does not matter
 
 
 def test_pack_texts_merges_small_groups():
