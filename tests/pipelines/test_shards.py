@@ -165,3 +165,19 @@ def test_embeddings_parts_are_written_in_small_row_groups(tmp_path, monkeypatch)
     assert first.metadata.num_row_groups == 1  # 97 rows < 1,024
     assert [second.metadata.row_group(i).num_rows for i in range(second.metadata.num_row_groups)] == [40, 40, 17]
     assert first.read().equals(second.read())
+
+
+def test_sorted_by_id_gives_the_rows_python_sorts_vectors_gathered_row_by_row():
+    # Independent check: the rows as Python dicts, sorted by item_id. Chunks of 3 sizes, null vectors, and
+    # a vector column whose rows differ in length (gathered by Arrow's take instead).
+    its = mixed_items(41, seed=3)
+    order = np.random.default_rng(2).permutation(len(its))
+    table = pa.concat_tables([shd.staging_table([its[k] for k in order[a:b]]) for a, b in ((0, 1), (1, 30), (30, 41))])
+    want = sorted(table.to_pylist(), key=lambda r: r["item_id"])
+    got = shd.sorted_by_id(table)
+    assert got.to_pylist() == want and got.schema.equals(shd.STAGING_SCHEMA)
+    assert [got.column(name).num_chunks for name in got.column_names] == [1] * got.num_columns
+    ragged = table.set_column(2, "text_embedding", pa.chunked_array(
+        [pa.array([[1.0] * (k % 3) if k % 4 else None for k in range(len(table))], pa.list_(pa.float32()))]))
+    assert shd._take_vectors(ragged.column("text_embedding"), np.arange(len(table))) is None
+    assert shd.sorted_by_id(ragged).to_pylist() == sorted(ragged.to_pylist(), key=lambda r: r["item_id"])
