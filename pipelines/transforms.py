@@ -1296,17 +1296,18 @@ class _BuildShard(beam.DoFn):
 
     def _read(self, joined) -> tuple:
         """(the shard's rows sorted by item_id, the query-sample candidates among carried rows). Only the
-        sorted table outlives this call: one copy of the shard's vectors while it is written."""
+        sorted table outlives this call: one copy of the shard's vectors while it is written, and while it
+        is sorted one staging file beside it (shards.sorted_sources reads each file twice)."""
         staged = sorted(joined["staged"])
-        table = shd.read_staged([path for path, _ in staged], sum(n for _, n in staged))
+        sources = [shd.staged_file(path) for path, _ in staged]
         carried = [c for group in joined.get("carried") or () for c in group]
         samples = ()
         if carried:  # incremental runs: unchanged items' previous rows, read straight from their parts
             rows = reuse.carried_rows(carried, self._previous_parts)
             samples = _sample_rows(rows, self._sample_size)
-            table = pa.concat_tables([table, rows])
-            del rows
-        return shd.sorted_by_id(table), samples
+            sources.append(lambda: rows)
+        expected = sum(n for _, n in staged) + (rows.num_rows if carried else 0)
+        return shd.sorted_sources(sources, expected), samples
 
     def _done(self, info):
         failpoint("after_shard")

@@ -181,3 +181,45 @@ def test_sorted_by_id_gives_the_rows_python_sorts_vectors_gathered_row_by_row():
         [pa.array([[1.0] * (k % 3) if k % 4 else None for k in range(len(table))], pa.list_(pa.float32()))]))
     assert shd._take_vectors(ragged.column("text_embedding"), np.arange(len(table))) is None
     assert shd.sorted_by_id(ragged).to_pylist() == sorted(ragged.to_pylist(), key=lambda r: r["item_id"])
+
+
+def test_sorted_sources_reads_one_source_at_a_time_and_gives_sorted_by_id(tmp_path):
+    # Staging files (each read twice) and rows held in memory (an incremental run's carried rows).
+    its = mixed_items(53, seed=5)
+    order = np.random.default_rng(4).permutation(len(its))
+    parts = [[its[k] for k in order[a:b]] for a, b in ((0, 7), (7, 8), (8, 40))]
+    paths = [str(tmp_path / f"part-{k}.arrow") for k in range(len(parts))]
+    for part, path in zip(parts, paths):
+        shd.write_staging(part, path)
+    held = shd.staging_table([its[k] for k in order[40:]])
+    calls = []
+
+    def counted(path):
+        calls.append(path)
+        return shd._read_staging_file(path)
+
+    sources = [lambda p=p: counted(p) for p in paths] + [lambda: held]
+    got = shd.sorted_sources(sources, expected_rows=53)
+    want = shd.sorted_by_id(pa.concat_tables([shd.read_staged(paths), held]))
+    assert got.equals(want) and got.to_pylist() == sorted(want.to_pylist(), key=lambda r: r["item_id"])
+    assert calls == paths + paths  # ids first, then the vectors: one file in memory at a time
+    reference = shd.write_shard(its, 0, 1, 16, trees=5, seed=4, version_dir=str(tmp_path / "items"))
+    again = shd.write_shard(got, 0, 1, 16, trees=5, seed=4, version_dir=str(tmp_path / "sources"))
+    assert _written(again, tmp_path / "sources") == _written(reference, tmp_path / "items")
+    assert shd.sorted_sources([], expected_rows=0).equals(shd.STAGING_SCHEMA.empty_table())
+
+
+def test_sorted_sources_refuses_what_does_not_add_up(tmp_path):
+    its = mixed_items(9)
+    table = shd.staging_table(its)
+    with pytest.raises(RuntimeError, match="hold 9 rows, expected 10"):
+        shd.sorted_sources([lambda: table], expected_rows=10)
+    shrinking = iter([table, table.slice(0, 5)])
+    with pytest.raises(RuntimeError, match="gave 9 rows, then 5"):
+        shd.sorted_sources([lambda: next(shrinking)])
+    with pytest.raises(RuntimeError, match="expected the staging schema"):
+        shd.sorted_sources([lambda: table.drop_columns(["title"])])
+    # Vectors of unequal lengths in a column: read whole and sorted by sorted_by_id.
+    ragged = table.set_column(2, "text_embedding", pa.chunked_array(
+        [pa.array([[1.0] * (k % 3) for k in range(len(table))], pa.list_(pa.float32()))]))
+    assert shd.sorted_sources([lambda: ragged]).to_pylist() == sorted(ragged.to_pylist(), key=lambda r: r["item_id"])
