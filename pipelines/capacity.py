@@ -2,11 +2,12 @@
 and how many shards a local run may build at once (``shard_threads``).
 
 The local runners hold every shuffle (and every multi-input Flatten) in memory. The index pipeline keeps
-vectors and rows out of them (issue 9): catalog rows, slim batches and text vectors wait in staging
-files with only references shuffled, each batch runs from its images to its shard staging files in one
-fused chain, and each shard is built from its own files. What grows with the catalog is the distinct
-texts on their way to the encoder, keys and references, the runner's bookkeeping, plus the shards built
-at once. The model: a fixed base for TensorFlow and the encoders; per item an overhead and a quarter of
+vectors and rows out of them (issue 9): catalog rows, slim batches, texts and text vectors wait in
+staging files with only references shuffled, each batch runs from its images to its shard staging files
+in one fused chain, and each shard is built from its own files. What grows with the catalog is keys and
+references, the runner's bookkeeping, what the allocator keeps, plus the shards built at once (from 10k
+to 100k items, tiny encoders: the run's peak +0.7 KiB per item; benchmarks/README.md, "The bound at
+10k -> 100k"); the constants below predate that and stay on the safe side. The model: a fixed base for TensorFlow and the encoders; per item an overhead and a quarter of
 its text, image and fused vectors in float32 (transient buffers); and one shard's build on top
 (shard_bytes; shard_threads builds more at once only when they fit). Measured
 (`benchmarks/bench_memory.py`, 16 shards, 256-d, tiny encoders; benchmarks/README.md, "The encode stage
