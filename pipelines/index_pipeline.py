@@ -39,6 +39,7 @@ from embedding import query_encoder as qe
 from pipelines import capacity
 from pipelines import files
 from pipelines import lease
+from pipelines import preflight
 from pipelines import progress
 from pipelines import publication as pub
 from pipelines import recall
@@ -177,8 +178,9 @@ class _Publish(beam.DoFn):
         pub.verify_release(plan.release_dir)
         pointer = layout.Pointer(plan.version, plan.release, plan.snapshot, pub.sha256_bytes(raw))
         owner = lease.Lease(plan.output, plan.run_id, plan.version, seconds=self._lease_seconds)
-        pub.switch_pointers(plan.output, pointer, plan.force, identical=_same_content(plan.output, manifest),
-                            lease=owner)
+        with owner.held():  # the launching process's lease, or (a Flex Template launch) taken just for this
+            pub.switch_pointers(plan.output, pointer, plan.force, identical=_same_content(plan.output, manifest),
+                                lease=owner)
         yield manifest
 
 
@@ -392,7 +394,8 @@ class IndexRunResult:
             if self.plan.dry_run:
                 return (f"dry run: nothing submitted (the job for version {self.plan.version} was built and "
                         f"checked; nothing was published to {self.plan.output})")
-            return f"pipeline submitted; version {self.plan.version} publishes when the job finishes"
+            return (f"job graph written for version {self.plan.version} (a template launch: Dataflow starts the "
+                    f"job); it takes the publication lease of {self.plan.output} and publishes when it finishes")
         c = self.manifest["counts"]
         rate = c["indexed"] / self.wall_s if self.wall_s > 0 else float("nan")
         reasons = ", ".join(f"{k}={v}" for k, v in c["rejected_by_reason"].items()) or "none"
@@ -513,7 +516,15 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
         if estimate is not None:
             _log.info("memory estimate for the local runner: %.1f GiB of %s available", estimate.bytes_needed / 2 ** 30,
                       "?" if estimate.bytes_available is None else f"{estimate.bytes_available / 2 ** 30:.1f} GiB")
-    if plan.dry_run:  # Dataflow builds the job and submits nothing: no lease, no pointer touched
+    launch_only = preflight.is_template_launch(options)
+    if plan.dry_run or launch_only:
+        # A dry run builds the job and submits nothing: no lease, no pointer touched. A Flex Template launch
+        # (--template_location) writes the job graph and exits before the job starts, so it cannot hold the
+        # lease for the job: it checks that no other run holds it, and the job's PublishIndex takes it for
+        # the moment its pointers move (lease.Lease.held). A rerun of a published version runs the job again;
+        # its publication keeps the identical live release.
+        if launch_only:
+            lease.Lease(plan.output, plan.run_id, plan.version, seconds=opts.lease_seconds).check_free()
         plan = dataclasses.replace(plan, reuse=reuse.resolve(plan, opts.reuse_from, opts.no_reuse))
         options.view_as(SetupOptions).save_main_session = False
         p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)

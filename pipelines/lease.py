@@ -8,6 +8,7 @@ process is gone is taken over at once. Correctness does not rest on the lease
 alone: every pointer change is still a compare-and-swap (pipelines/cas.py).
 """
 
+import contextlib
 import datetime
 import json
 import logging
@@ -90,6 +91,19 @@ class Lease:
             return f"its process {holder['pid']} on this host is gone"
         return None
 
+    def _held_elsewhere(self, holder: dict) -> LeaseHeldError:
+        return LeaseHeldError(f"another run is publishing to {self.path.rsplit('/', 1)[0]}: {describe(holder)}; "
+                              f"wait for it to finish, or if it is dead, for the lease to expire")
+
+    def check_free(self) -> None:
+        """LeaseHeldError when another live run holds the lease; takes nothing (a job that only gets
+        submitted from here takes the lease later, in its own publication step)."""
+        data, _ = self._store.read(self.path)
+        if data is not None:
+            holder = self._parse(data)
+            if holder.get("owner") != self.owner and self._stale(holder) is None:
+                raise self._held_elsewhere(holder)
+
     def acquire(self) -> "Lease":
         """Takes the lease or raises LeaseHeldError naming the holder."""
         for _ in range(10):
@@ -99,9 +113,7 @@ class Lease:
                 if holder.get("owner") != self.owner:
                     why = self._stale(holder)
                     if why is None:
-                        raise LeaseHeldError(
-                            f"another run is publishing to {self.path.rsplit('/', 1)[0]}: {describe(holder)}; "
-                            f"wait for it to finish, or if it is dead, for the lease to expire")
+                        raise self._held_elsewhere(holder)
                     _log.warning("taking over the publication lease of %s: %s", describe(holder), why)
             if self._store.write_if(self.path, self._body(), token):
                 self._token = self._store.read(self.path)[1]
@@ -128,6 +140,21 @@ class Lease:
         if ok:
             self._token = self._store.read(self.path)[1]
         return ok
+
+    @contextlib.contextmanager
+    def held(self):
+        """The lease for one short step (a publication step on a worker): taken if it is not ours already,
+        and given back afterwards only if taken here. When the launching process holds it (local runners),
+        this changes nothing; when the launcher only submitted the job (a Flex Template launch), the job
+        holds the lease just while its pointers move."""
+        taken = not self.holds()
+        if taken:
+            self.acquire()
+        try:
+            yield self
+        finally:
+            if taken:
+                self.release()
 
     def start_heartbeat(self) -> None:
         def beat():

@@ -99,6 +99,15 @@ def is_dataflow(options) -> bool:
     return _key(runner_name(options)) in _DATAFLOW
 
 
+def is_template_launch(options) -> bool:
+    """Whether ``run()`` only writes the job graph (``--template_location``: what a Flex Template launcher
+    passes, and how classic templates are staged): the job starts after this process has exited, so nothing
+    here may wait for it, hold a lease for it or read what it writes."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    return is_dataflow(options) and bool(options.view_as(GoogleCloudOptions).template_location)
+
+
 def workers_share_disk(options) -> bool:
     """Whether the pipeline's workers see this machine's files: a local runner, or a portable runner whose
     SDK workers run in this process (``--environment_type LOOPBACK``)."""

@@ -344,3 +344,85 @@ def test_the_train_template_is_refused_on_dataflow_for_now(tmp_path, monkeypatch
     status, _, last, _ = _main(capsys, main.argv(params) + DATAFLOW)
     assert status == 2
     assert "catalog-index train runs its preprocessing on the local runner only" in last
+
+
+@pytest.fixture
+def staged_uploads(tmp_path, monkeypatch):
+    """Beam's Dataflow client uploads the job graph and its artifacts to gs:// with stage_file; here they go to a
+    local folder (the fake stands in for GCS only: the graph is built and serialised by Beam itself)."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+    from apache_beam.runners.dataflow.internal import apiclient
+
+    root = tmp_path / "uploads"
+
+    def stage_file(self, gcs_or_local_path, file_name, stream, mime_type=None, total_size=None):
+        target = root / gcs_or_local_path.replace("gs://", "").strip("/") / file_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(stream.read())
+
+    monkeypatch.setattr(apiclient.DataflowApplicationClient, "stage_file", stage_file)
+    # Beam asks GCS for the bucket's soft-delete policy (a warning only); with no network that takes minutes.
+    monkeypatch.setattr(GoogleCloudOptions, "_warn_if_soft_delete_policy_enabled", lambda self, arg_name: None)
+    return root
+
+
+def test_a_template_launch_writes_the_job_graph_and_leaves_the_lease_to_the_job(
+        sample_catalog, tiny_encoders, fake_gcs_root, staged_uploads, monkeypatch, capsys):
+    """What a Flex Template launcher runs: main.py with --template_location. Beam writes the job graph there and
+    returns before the job exists, so the launcher must neither hold the lease for the job (it exits now) nor
+    wait: nothing but the graph is written, and the summary says the job publishes."""
+    from google.auth.credentials import AnonymousCredentials
+
+    class Anonymous(AnonymousCredentials):  # google-auth's own class (Beam's clients check it); refresh works
+        def refresh(self, request):
+            pass
+
+    _google_auth(monkeypatch, credentials=Anonymous())
+    _catalog_in_fake_gcs(sample_catalog, "fakegs://bucket/catalog")
+    text, image = _remote_encoders(tiny_encoders)
+    from pipelines import lease
+
+    def refuse(self):
+        raise AssertionError("the launcher took the lease: it would be given back before the job even starts")
+
+    monkeypatch.setattr(lease.Lease, "acquire", refuse)
+    main = _main_py()
+    monkeypatch.delenv(main.PIPELINE_ENV, raising=False)
+    params = ["--catalog=fakegs://bucket/catalog/*.parquet", "--output=fakegs://bucket/index",
+              f"--text_encoder={text}", f"--image_encoder={image}", "--shards=2", "--version=2026-11-30",
+              "--runner=DataflowRunner", "--project=proj-123", "--region=us-central1",
+              "--temp_location=gs://bucket-x/tmp", "--template_location=gs://bucket-x/launch/job_object"]
+    status, stdout, last, _ = _main(capsys, main.argv(params))
+    assert status == 0, last
+    assert "job graph written for version 2026-11-30" in stdout, stdout
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    job = json.loads((staged_uploads / "bucket-x" / "launch" / "job_object").read_bytes())
+    assert job["type"] == "JOB_TYPE_BATCH" and "use_runner_v2" in job["environment"]["experiments"]
+    staged = list((staged_uploads / "bucket-x" / "tmp").rglob("pipeline.pb"))  # runner v2: the graph itself
+    assert len(staged) == 1, staged
+    pipeline = beam_runner_api_pb2.Pipeline.FromString(staged[0].read_bytes())
+    top = {t.unique_name for t in pipeline.components.transforms.values()}
+    for step in ("ReadCatalog", "EncodeItems", "FuseEmbeddings", "WriteAnnoyShards", "PublishIndex"):
+        assert step in top, sorted(top)
+    assert files.list_files("fakegs://bucket/index") == []  # no lease left behind, no pointer, no probe
+
+
+def test_a_template_launch_refuses_while_another_run_holds_the_lease(
+        sample_catalog, tiny_encoders, fake_gcs_root, staged_uploads, monkeypatch, capsys):
+    from pipelines import lease
+
+    _google_auth(monkeypatch)
+    _catalog_in_fake_gcs(sample_catalog, "fakegs://bucket/catalog")
+    text, image = _remote_encoders(tiny_encoders)
+    holder = lease.Lease("fakegs://bucket/index", "other-run", "2026-11-29").acquire()
+    main = _main_py()
+    monkeypatch.delenv(main.PIPELINE_ENV, raising=False)
+    params = ["--catalog=fakegs://bucket/catalog/*.parquet", "--output=fakegs://bucket/index",
+              f"--text_encoder={text}", f"--image_encoder={image}", "--runner=DataflowRunner",
+              "--project=proj-123", "--region=us-central1", "--temp_location=gs://bucket-x/tmp",
+              "--template_location=gs://bucket-x/launch/job_object"]
+    status, _, last, _ = _main(capsys, main.argv(params))
+    assert status != 0 and "another run is publishing" in last and "other-run" in last, last
+    assert not (staged_uploads / "bucket-x" / "launch" / "job_object").exists()
+    assert holder.holds()

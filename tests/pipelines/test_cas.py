@@ -92,6 +92,35 @@ def test_second_holder_gets_an_error_naming_the_first(tmp_path):
     lease.Lease(str(tmp_path), "run-b", "v2").acquire().release()
 
 
+def test_held_takes_a_free_lease_for_the_step_and_gives_it_back(tmp_path):
+    """A job's publication step when the launcher only submitted it (a Flex Template launch)."""
+    step = lease.Lease(str(tmp_path), "run-a", "v1")
+    with step.held():
+        assert json.loads((tmp_path / layout.LEASE_FILE).read_text())["owner"] == "run-a"
+    assert not (tmp_path / layout.LEASE_FILE).exists()
+
+
+def test_held_leaves_the_launching_process_lease_in_place(tmp_path):
+    """The same step on a local runner: the launching process holds the lease (same run id) and keeps it."""
+    driver = lease.Lease(str(tmp_path), "run-a", "v1").acquire()
+    with lease.Lease(str(tmp_path), "run-a", "v1").held():
+        pass
+    assert driver.holds()
+    driver.release()
+
+
+def test_held_and_check_free_refuse_a_lease_another_run_holds(tmp_path):
+    other = lease.Lease(str(tmp_path), "run-b", "v2").acquire()
+    for attempt in (lambda: lease.Lease(str(tmp_path), "run-a", "v1").check_free(),
+                    lambda: lease.Lease(str(tmp_path), "run-a", "v1").held().__enter__()):
+        with pytest.raises(LeaseHeldError, match=r"run run-b \(index of version v2"):
+            attempt()
+    assert other.holds()
+    other.release()
+    lease.Lease(str(tmp_path), "run-a", "v1").check_free()  # free now: nothing raised, nothing written
+    assert not (tmp_path / layout.LEASE_FILE).exists()
+
+
 def test_an_expired_lease_is_taken_over(tmp_path):
     (tmp_path / layout.LEASE_FILE).write_text(json.dumps({
         "owner": "dead", "host": "elsewhere", "pid": 1, "acquired_at": "2026-01-01T00:00:00Z",
