@@ -404,13 +404,13 @@ def _check_storage(opts, paths) -> None:
 
 
 def check_train(opts) -> None:
-    """Everything ``catalog-index train`` can check before the index is read or a model loads."""
+    """Everything ``catalog-index train`` can check before the index is read or a model loads. On a runner
+    whose workers do not share this disk every path must be remote (the index's encoders are checked once
+    the index is open: pipelines/train_pipeline.py)."""
     check_dry_run(opts)
-    if not workers_share_disk(opts):
-        runner = runner_name(opts)
-        raise ConfigError(f"catalog-index train runs its preprocessing on the local runner only: it writes the "
-                          f"examples to this machine's temp folder and reads the index's embeddings from a local "
-                          f"copy, which {runner} workers cannot see; remove --runner {runner} (the training "
-                          f"itself runs in this process either way)")
+    check_worker_paths(opts, [("--clicks", opts.clicks), ("--index", opts.index), ("--output", opts.output),
+                              ("--image-root", opts.image_root)])
+    if is_dataflow(opts):
+        check_dataflow(opts)
     # --clicks is matched by the preprocessing's plan, after the index is opened and before any model loads.
     _check_storage(opts, TRAIN_PATHS)

@@ -8,16 +8,20 @@
     held-out days --(exact ranking over the whole catalog)--> evaluation.json, report.html
     MODELS_DIR/<version>/{fusion,query}/, training.json (last) --> LATEST by compare-and-swap
 
-The preprocessing is a Beam pipeline (DirectRunner or Dataflow); the training
-runs in this process. Nothing is overwritten: every run writes a new version
-folder, seals it with training.json (size and sha256 of every file), and moves
-LATEST only after that, under the models directory's lease, by compare-and-swap;
-with ``--promote-if-better`` only when the candidate beats the index's own
-fusion on held-out recall@10.
+One Beam job, as the index: ``build_preprocess`` (pipelines/train_preprocess.py)
+then ``FitAndPublish``, one step on one worker that trains, evaluates, writes
+and promotes, so the whole run works on the local runners and on Dataflow,
+from a workstation, a pod or a Flex Template launch (which only writes the job
+graph and exits). The examples go to a local temp folder on local runners, to
+``MODELS_DIR/_work/<version>/`` on remote ones (removed by the fit step).
+Nothing is overwritten: every run writes a new version folder, seals it with
+training.json (size and sha256 of every file), and moves LATEST only after
+that, under the models directory's lease, by compare-and-swap; with
+``--promote-if-better`` only when the candidate beats the index's own fusion on
+held-out recall@10.
 """
 
 import datetime
-import glob
 import hashlib
 import json
 import logging
@@ -28,6 +32,7 @@ import tempfile
 import time
 from typing import NamedTuple, Optional
 
+import apache_beam as beam
 import numpy as np
 
 from pipelines import cas, files, lease, preflight
@@ -39,6 +44,9 @@ from schemas.errors import ConfigError, DataError, PublicationError
 _log = logging.getLogger(__name__)
 
 
+RAN, DRY_RUN, LAUNCHED = "ran", "dry run", "launched"
+
+
 class TrainResult(NamedTuple):
     version: str
     version_dir: str
@@ -47,8 +55,15 @@ class TrainResult(NamedTuple):
     evaluation: dict
     training: dict
     seconds: float
+    mode: str = RAN  # or DRY_RUN (nothing submitted), LAUNCHED (a Flex Template launch: the job runs later)
 
     def summary(self) -> str:
+        if self.mode == DRY_RUN:
+            return (f"dry run: nothing submitted (the job for models version {self.version} was built and checked; "
+                    f"nothing was written to {self.version_dir.rsplit('/', 1)[0]})")
+        if self.mode == LAUNCHED:
+            return (f"job graph written for models version {self.version} (a template launch: Dataflow starts "
+                    f"the job); it trains, writes {self.version_dir} and moves LATEST when it finishes")
         data = self.training["data"]
         cand = self.evaluation["candidate"]["all"]
         base = self.evaluation["baseline"]["all"]
@@ -80,15 +95,13 @@ class TrainResult(NamedTuple):
 
 def load_items(release_dir: str, manifest: dict):
     """(item ids, training.model.Items) from a release's embeddings table: each item's text and image vectors."""
-    import pyarrow.parquet as pq
-
     from training.model import Items
 
     text_dim, image_dim = int(manifest["fusion"]["text_dim"]), int(manifest["fusion"]["image_dim"])
     ids, text_rows, image_rows = [], [], []
     for rel in manifest["tables"]["embeddings"]:
-        table = pq.read_table(os.path.join(release_dir, rel), columns=[emb.ITEM_ID, emb.TEXT_EMBEDDING,
-                                                                        emb.IMAGE_EMBEDDING])
+        table = files.read_parquet(files.join(release_dir, rel), columns=[emb.ITEM_ID, emb.TEXT_EMBEDDING,
+                                                                           emb.IMAGE_EMBEDDING])
         ids.extend(table.column(emb.ITEM_ID).to_pylist())
         text_rows.extend(table.column(emb.TEXT_EMBEDDING).to_pylist())
         image_rows.extend(table.column(emb.IMAGE_EMBEDDING).to_pylist())
@@ -106,12 +119,11 @@ def load_items(release_dir: str, manifest: dict):
 def load_examples(paths: list, row_of: dict, text_dim: int, image_dim: int):
     """{"train": Examples, "eval": Examples} from the preprocessing's examples Parquet files."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from schemas import clicks
     from training.model import Examples
 
-    tables = [pq.read_table(p) for p in sorted(paths)]
+    tables = [files.read_parquet(p) for p in sorted(paths)]
     table = pa.concat_tables(tables) if tables else None
     out = {}
     for split in (clicks.TRAIN, clicks.EVAL):
@@ -164,12 +176,21 @@ def _copy_up(local_dir: str, dest_dir: str, last: str) -> None:
         files.copy_local_file(os.path.join(local_dir, *rel.split("/")), files.join(dest_dir, rel))
 
 
-def _keep_evidence(work: str, version_dir: str) -> bool:
-    """Copies the preprocessing's rejected rows and summary of a failed run to ``version_dir/rejected/``."""
-    found = sorted(glob.glob(os.path.join(work, "data", "rejected-*.parquet")) +
-                   glob.glob(os.path.join(work, "data", "summary.json")))
+def _evidence(work_dir: str) -> list:
+    """The preprocessing's rejected-row files (and its summary.json with ``summary``) in ``work_dir``."""
+    from pipelines.train_preprocess import REJECTED_PREFIX
+
+    return sorted(p for p in (files.list_files(work_dir) if files.exists(work_dir) else [])
+                  if p.rsplit("/", 1)[-1].startswith(REJECTED_PREFIX + "-") and p.endswith(".parquet"))
+
+
+def _keep_evidence(work_dir: str, version_dir: str) -> bool:
+    """Copies the preprocessing's rejected rows and summary of a refused run to ``version_dir/rejected/``."""
+    from pipelines.train_preprocess import SUMMARY_FILE
+
+    found = _evidence(work_dir) + [p for p in [files.join(work_dir, SUMMARY_FILE)] if files.exists(p)]
     for path in found:
-        files.copy_local_file(path, files.join(version_dir, "rejected", os.path.basename(path)))
+        files.write_bytes(files.join(version_dir, "rejected", path.rsplit("/", 1)[-1]), files.read_bytes(path))
     return bool(found)
 
 
@@ -221,107 +242,111 @@ def _towers(manifest: dict, dim: int, seed: int):
             Tower(spec.text_dim, spec.image_dim, dim, seed=seed + 1, init=init, name="query_tower"), spec)
 
 
-def run(argv=None, test_pipeline=None) -> TrainResult:
-    """Validates, preprocesses (Beam), trains, evaluates, writes and (maybe) promotes a models version."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+class TrainPlan(NamedTuple):
+    """Everything the job needs, checked and resolved in the launching process before anything runs."""
+    preprocess: "object"  # pipelines.train_preprocess.PreprocessPlan; its out_dir is the work folder
+    models_dir: str
+    version: str
+    release_dir: str  # the index release as the workers read it (a local verified copy on local runners)
+    manifest: dict
+    index: dict  # root, version, release, manifest_sha256: for training.json and evaluation.json
+    dim: int
+    fit: dict  # epochs, batch_size, learning_rate, temperature, use_logq, seed
+    promote_if_better: bool
+    lease_seconds: int
+    options: dict  # TrainOptions.training_options(), recorded in training.json
+    remove_work_dir: bool  # a remote work folder is removed by the fit step; a local one by the launcher
 
+    @property
+    def version_dir(self) -> str:
+        return files.join(self.models_dir, self.version)
+
+    @property
+    def work_dir(self) -> str:
+        return self.preprocess.out_dir
+
+    def owner(self) -> lease.Lease:
+        return lease.Lease(self.models_dir, self.version, self.version, command="train", seconds=self.lease_seconds)
+
+
+def not_promoted_why(decision: dict) -> str:
+    return (f"--promote-if-better: candidate {decision['metric']} {decision['candidate']} does not beat the "
+            f"baseline's {decision['baseline']}")
+
+
+def fit_and_publish(plan: TrainPlan, summary) -> None:
+    """Trains, evaluates, writes and (maybe) promotes the models version; runs in the job's fit step."""
     from embedding import fusion as fus
-    from pipelines.train_preprocess import run_preprocess
     from schemas import clicks
     from training import evaluate as ev
     from training import model as tm
     from training import report
 
-    start = time.perf_counter()
-    files.use_system_memory_pool()  # as the index pipeline (issue 9)
-    options = PipelineOptions(argv if argv is not None else sys.argv[1:])
-    opts = options.view_as(TrainOptions)
-    models_dir = opts.validate()  # nothing heavy before this: pipelines/preflight.py
-    event_weights = clicks.parse_event_weights(opts.event_weights)
-    version = opts.models_version or layout.new_models_version()
-    version_dir = files.join(models_dir, version)
-    if files.exists(files.join(version_dir, layout.TRAINING_FILE)) or files.list_files(version_dir):
-        raise ConfigError(f"--models-version {version!r}: {version_dir} exists; models versions are never "
-                          f"rewritten, pick another name")
-    pointer, release_dir, manifest = _open_index(opts)
-    dim = opts.dimension or int(manifest["dimension"])
-    preflight.create_output(models_dir)  # a missing local folder (checked writable by opts.validate)
-    owner = lease.Lease(models_dir, version, version, command="train", seconds=opts.lease_seconds).acquire()
-    work = tempfile.mkdtemp(prefix="catalog-index-train-")
+    # 1. Items and examples in memory (vectors of each item once; examples point at them).
+    ids, items = load_items(plan.release_dir, plan.manifest)
+    row_of = {item_id: i for i, item_id in enumerate(ids)}
+    spec = fus.FusionSpec.from_json(plan.manifest["fusion"])
+    data = load_examples(summary.paths["examples"], row_of, spec.text_dim, spec.image_dim)
+    if len(data[clicks.TRAIN].weight) < 2:
+        raise DataError(f"only {len(data[clicks.TRAIN].weight)} training example(s) after preprocessing; "
+                        f"need at least 2 (see {plan.version_dir}/rejected/)")
+    # 2. Train.
+    item_tower, query_tower, spec = _towers(plan.manifest, plan.dim, plan.fit["seed"])
+    epochs = plan.fit["epochs"]
+
+    def progress(entry):
+        line = (f"epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f}, "
+                f"{entry['examples_per_s']:.0f} examples/s ({entry['seconds']:.1f}s)")
+        print(line, flush=True)  # the launching process's terminal on local runners
+        _log.info("%s", line)  # the worker's log on Dataflow
+
+    history = tm.train(item_tower, query_tower, data[clicks.TRAIN], items, epochs=epochs,
+                       batch_size=plan.fit["batch_size"], learning_rate=plan.fit["learning_rate"],
+                       temperature=plan.fit["temperature"], use_logq=plan.fit["use_logq"], seed=plan.fit["seed"],
+                       on_epoch=progress)
+    # 3. Evaluate on the held-out days over the whole catalog, against the index's own fusion.
+    held = data[clicks.EVAL]
+    queries = ev.Vectors(held.query_text, held.query_text_mask, held.query_image, held.query_image_mask)
+    item_vectors = ev.Vectors(items.text, items.text_mask, items.image, items.image_mask)
+
+    def tower_fn(tower):
+        return lambda t, tm_, i, im: tower(t, tm_, i, im).numpy()
+
+    baseline_fusion = fus.make_fusion(spec)
+    evaluation = {
+        "index": {"version": plan.index["version"], "release": plan.index["release"]},
+        "held_out_clicks": int(len(held.weight)),
+        "candidate": ev.evaluate(tower_fn(item_tower), tower_fn(query_tower), item_vectors, queries,
+                                 held.item_index),
+        "baseline": ev.evaluate(baseline_fusion, baseline_fusion, item_vectors, queries, held.item_index),
+    }
+    weights = np.concatenate([item_tower.attention(*[part[s:s + 4096] for part in item_vectors]).numpy()
+                              for s in range(0, len(ids), 4096)]) if ids else np.zeros((0, 2))
+    evaluation["attention"] = ev.mean_attention(weights, item_vectors)
+    decision = ev.compare(evaluation["candidate"], evaluation["baseline"]) if len(held.weight) else {
+        "metric": ev.PRIMARY_METRIC, "candidate": None, "baseline": None, "candidate_is_better": False}
+    evaluation["decision"] = decision
+    # 4. The version folder, built in local temp space, copied up with training.json last.
+    local = tempfile.mkdtemp(prefix="catalog-index-version-")
     try:
-        owner.start_heartbeat()
-        # 1. Beam: click rows -> examples with query vectors, split by time, logQ.
-        try:
-            summary = run_preprocess(
-                opts.clicks, release_dir, manifest, os.path.join(work, "data"), eval_days=opts.eval_days,
-                event_weights=event_weights, max_rejected_fraction=opts.max_rejected_fraction,
-                image_root=opts.image_root, pipeline_options=options, test_pipeline=test_pipeline)
-        except DataError as e:
-            # Too many bad rows (or none left to train on): keep the evidence where the user looks. The
-            # folder has no training.json, so nothing ever loads it as a model.
-            kept = _keep_evidence(work, version_dir)
-            raise type(e)(f"{e}{'; rejected rows and summary in ' + version_dir if kept else ''}") from None
-        # 2. Items and examples in memory (vectors of each item once; examples point at them).
-        ids, items = load_items(release_dir, manifest)
-        row_of = {item_id: i for i, item_id in enumerate(ids)}
-        spec = fus.FusionSpec.from_json(manifest["fusion"])
-        data = load_examples(glob.glob(os.path.join(work, "data", "examples-*.parquet")), row_of,
-                             spec.text_dim, spec.image_dim)
-        if len(data[clicks.TRAIN].weight) < 2:
-            raise DataError(f"only {len(data[clicks.TRAIN].weight)} training example(s) after preprocessing; "
-                            f"need at least 2 (see {version_dir}/rejected/)")
-        # 3. Train.
-        item_tower, query_tower, spec = _towers(manifest, dim, opts.seed)
-
-        def progress(entry):
-            print(f"epoch {entry['epoch']}/{opts.epochs}: loss {entry['loss']:.4f}, "
-                  f"{entry['examples_per_s']:.0f} examples/s ({entry['seconds']:.1f}s)", flush=True)
-
-        history = tm.train(item_tower, query_tower, data[clicks.TRAIN], items, epochs=opts.epochs,
-                           batch_size=opts.batch_size, learning_rate=opts.learning_rate,
-                           temperature=opts.temperature, use_logq=not opts.no_logq, seed=opts.seed,
-                           on_epoch=progress)
-        # 4. Evaluate on the held-out days over the whole catalog, against the index's own fusion.
-        held = data[clicks.EVAL]
-        queries = ev.Vectors(held.query_text, held.query_text_mask, held.query_image, held.query_image_mask)
-        item_vectors = ev.Vectors(items.text, items.text_mask, items.image, items.image_mask)
-
-        def tower_fn(tower):
-            return lambda t, tm_, i, im: tower(t, tm_, i, im).numpy()
-
-        baseline_fusion = fus.make_fusion(spec)
-        evaluation = {
-            "index": {"version": pointer.version, "release": pointer.release},
-            "held_out_clicks": int(len(held.weight)),
-            "candidate": ev.evaluate(tower_fn(item_tower), tower_fn(query_tower), item_vectors, queries,
-                                     held.item_index),
-            "baseline": ev.evaluate(baseline_fusion, baseline_fusion, item_vectors, queries, held.item_index),
-        }
-        weights = np.concatenate([item_tower.attention(*[part[s:s + 4096] for part in item_vectors]).numpy()
-                                  for s in range(0, len(ids), 4096)]) if ids else np.zeros((0, 2))
-        evaluation["attention"] = ev.mean_attention(weights, item_vectors)
-        decision = ev.compare(evaluation["candidate"], evaluation["baseline"]) if len(held.weight) else {
-            "metric": ev.PRIMARY_METRIC, "candidate": None, "baseline": None, "candidate_is_better": False}
-        evaluation["decision"] = decision
-        # 5. The version folder, built locally, copied up with training.json last.
-        local = os.path.join(work, "version")
         tm.export_tower(item_tower, os.path.join(local, layout.MODELS_FUSION_DIR))
         tm.export_tower(query_tower, os.path.join(local, layout.MODELS_QUERY_DIR))
         rejected_dir = os.path.join(local, "rejected")
         os.makedirs(rejected_dir)
-        for path in sorted(glob.glob(os.path.join(work, "data", "rejected-*.parquet"))):
-            shutil.copy(path, rejected_dir)
+        for path in _evidence(plan.work_dir):
+            with open(os.path.join(rejected_dir, path.rsplit("/", 1)[-1]), "wb") as f:
+                f.write(files.read_bytes(path))
+        enc = plan.manifest["encoders"]
         training = {
             "format": 1,
-            "version": version,
+            "version": plan.version,
             "created_at": layout.format_time(datetime.datetime.now(datetime.timezone.utc)),
-            "index": {"root": opts.index, "version": pointer.version, "release": pointer.release,
-                      "manifest_sha256": pointer.manifest_sha256},
-            "encoders": {kind: manifest["encoders"][kind] for kind in ("text", "image")},
-            "towers": {"text_dim": spec.text_dim, "image_dim": spec.image_dim, "dim": dim,
-                       "initialised_from": "index projection" if spec.kind == fus.PROJECTION and spec.dim == dim
-                       else "random"},
-            "options": opts.training_options(),
+            "index": dict(plan.index),
+            "encoders": {kind: enc[kind] for kind in ("text", "image")},
+            "towers": {"text_dim": spec.text_dim, "image_dim": spec.image_dim, "dim": plan.dim,
+                       "initialised_from": "index projection" if spec.kind == fus.PROJECTION
+                       and spec.dim == plan.dim else "random"},
+            "options": plan.options,
             "data": {"read": summary.read, "kept": summary.kept, "impressions": summary.impressions,
                      "rejected": sum(summary.rejected_by_reason.values()),
                      "rejected_by_reason": dict(summary.rejected_by_reason), "train": summary.train,
@@ -338,19 +363,132 @@ def run(argv=None, test_pipeline=None) -> TrainResult:
         raw = (json.dumps(training, indent=1, sort_keys=True) + "\n").encode()
         with open(os.path.join(local, layout.TRAINING_FILE), "wb") as f:
             f.write(raw)
-        owner.ensure()
-        _copy_up(local, version_dir, layout.TRAINING_FILE)
-        # 6. Promote.
-        promoted = False
-        if opts.promote_if_better and not decision["candidate_is_better"]:
-            decision["why"] = (f"--promote-if-better: candidate {decision['metric']} {decision['candidate']} does "
-                               f"not beat the baseline's {decision['baseline']}")
-            stays = read_models_latest(models_dir)
-            decision["latest"] = stays.version if stays is not None else None
-        else:
-            promoted = promote(models_dir, version, hashlib.sha256(raw).hexdigest(), owner)
-        return TrainResult(version, version_dir, promoted, decision, evaluation, training,
-                           time.perf_counter() - start)
+        # 5. Sealed, then promoted, under the models directory's lease (the launcher's, or taken just for this).
+        with plan.owner().held() as owner:
+            _copy_up(local, plan.version_dir, layout.TRAINING_FILE)
+            if plan.promote_if_better and not decision["candidate_is_better"]:
+                _log.info("LATEST not moved: %s", not_promoted_why(decision))
+            else:
+                promote(plan.models_dir, plan.version, hashlib.sha256(raw).hexdigest(), owner)
     finally:
-        owner.release()
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(local, ignore_errors=True)
+
+
+class _FitAndPublish(beam.DoFn):
+    """The job's last step (one element, one worker): settles the preprocessing (accounting, refusal), then
+    fit_and_publish. A refusal keeps the rejected rows and summary in ``<version>/rejected/`` (no
+    training.json: nothing ever loads that folder as a model)."""
+
+    def __init__(self, plan: TrainPlan):
+        self._plan = plan
+
+    def process(self, _summary):
+        from pipelines.train_preprocess import settle
+
+        plan = self._plan
+        try:
+            try:
+                summary = settle(plan.preprocess)
+            except DataError as e:
+                kept = _keep_evidence(plan.work_dir, plan.version_dir)
+                raise type(e)(f"{e}{'; rejected rows and summary in ' + plan.version_dir if kept else ''}") from None
+            fit_and_publish(plan, summary)
+        finally:
+            if plan.remove_work_dir:
+                files.delete_tree(plan.work_dir)
+        yield plan.version
+
+
+def build_train(p: beam.Pipeline, plan: TrainPlan):
+    """The whole job: the preprocessing, then the fit step once its summary is written."""
+    from pipelines.train_preprocess import build_preprocess
+
+    return build_preprocess(p, plan.preprocess) | "FitAndPublish" >> beam.ParDo(_FitAndPublish(plan))
+
+
+def _plan(opts: TrainOptions, options, models_dir: str, work_dir: str) -> TrainPlan:
+    """Opens and verifies the index, checks what the workers will load, plans the preprocessing."""
+    from pipelines.train_preprocess import plan_preprocess
+
+    version = opts.models_version or layout.new_models_version()
+    version_dir = files.join(models_dir, version)
+    if files.exists(files.join(version_dir, layout.TRAINING_FILE)) or files.list_files(version_dir):
+        raise ConfigError(f"--models-version {version!r}: {version_dir} exists; models versions are never "
+                          f"rewritten, pick another name")
+    pointer, local_release, manifest = _open_index(opts)
+    shared = preflight.workers_share_disk(options)
+    # The encoders the query side is encoded with are the index's; remote workers must be able to load them.
+    preflight.check_worker_paths(options, [(f"the index's {kind} encoder", manifest["encoders"][kind]["handle"],
+                                            preflight.MODEL) for kind in ("text", "image")])
+    release_dir = local_release if shared else files.join(opts.index, pointer.path)
+    if not shared:
+        work_dir = files.join(models_dir, layout.MODELS_WORK_DIR, version)
+    preprocess = plan_preprocess(
+        opts.clicks, release_dir, manifest, work_dir, eval_days=opts.eval_days, event_weights=opts.event_weights,
+        max_rejected_fraction=opts.max_rejected_fraction, image_root=opts.image_root)
+    return TrainPlan(
+        preprocess=preprocess, models_dir=models_dir, version=version, release_dir=release_dir, manifest=manifest,
+        index={"root": opts.index, "version": pointer.version, "release": pointer.release,
+               "manifest_sha256": pointer.manifest_sha256},
+        dim=opts.dimension or int(manifest["dimension"]),
+        fit={"epochs": opts.epochs, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
+             "temperature": opts.temperature, "use_logq": not opts.no_logq, "seed": opts.seed},
+        promote_if_better=bool(opts.promote_if_better), lease_seconds=opts.lease_seconds,
+        options=opts.training_options(), remove_work_dir=not shared)
+
+
+def _result(plan: TrainPlan, seconds: float) -> TrainResult:
+    """What the finished job wrote, read back: training.json, evaluation.json and where LATEST is."""
+    training = json.loads(files.read_bytes(files.join(plan.version_dir, layout.TRAINING_FILE)))
+    evaluation = json.loads(files.read_bytes(files.join(plan.version_dir, layout.EVALUATION_FILE)))
+    decision = evaluation["decision"]
+    latest = read_models_latest(plan.models_dir)
+    promoted = latest is not None and latest.version == plan.version
+    if not promoted:
+        decision["why"] = (not_promoted_why(decision) if plan.promote_if_better and not decision["candidate_is_better"]
+                           else "another run moved LATEST")
+        decision["latest"] = latest.version if latest is not None else None
+    return TrainResult(plan.version, plan.version_dir, promoted, decision, evaluation, training, seconds)
+
+
+def run(argv=None, test_pipeline=None) -> TrainResult:
+    """Validates, then runs the job (preprocessing, fit, evaluation, publication) and reads back what it wrote.
+
+    On a Flex Template launch (``--template_location``) the job graph is written and nothing waits: the
+    result says so. Raises ConfigError before any work when an option or input is unusable, DataError when the
+    clicks are refused (too many bad rows, nothing left to train on)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+
+    start = time.perf_counter()
+    files.use_system_memory_pool()  # as the index pipeline (issue 9)
+    options = PipelineOptions(argv if argv is not None else sys.argv[1:])
+    opts = options.view_as(TrainOptions)
+    models_dir = opts.validate()  # nothing heavy before this: pipelines/preflight.py
+    local_work = tempfile.mkdtemp(prefix="catalog-index-train-")
+    try:
+        plan = _plan(opts, options, models_dir, os.path.join(local_work, "data"))
+        options.view_as(SetupOptions).save_main_session = False
+        p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)
+        mode = DRY_RUN if preflight.check_dry_run(options) else (
+            LAUNCHED if preflight.is_template_launch(options) else RAN)
+        if mode != RAN:
+            if mode == LAUNCHED:  # the job takes the lease itself, for its publication (lease.Lease.held)
+                plan.owner().check_free()
+            build_train(p, plan)
+            p.run()
+            return TrainResult(plan.version, plan.version_dir, False, {}, {}, {}, time.perf_counter() - start,
+                               mode=mode)
+        preflight.create_output(models_dir)  # a missing local folder (checked writable by opts.validate)
+        owner = plan.owner().acquire()
+        try:
+            owner.start_heartbeat()
+            files.mkdirs(plan.work_dir)
+            _log.info("preprocessing %d click file(s), %d rows, into %s; then training %s",
+                      len(plan.preprocess.click_files), plan.preprocess.rows, plan.work_dir, plan.version)
+            build_train(p, plan)
+            p.run().wait_until_finish()
+            return _result(plan, time.perf_counter() - start)
+        finally:
+            owner.release()
+    finally:
+        shutil.rmtree(local_work, ignore_errors=True)

@@ -913,10 +913,19 @@ def run_preprocess(clicks: str, release_dir: str, manifest: dict, out_dir: str, 
     build_preprocess(p, plan)
     result = p.run()
     result.wait_until_finish()
+    return settle(plan, _metric_totals(result), started=start)
 
+
+def settle(plan: PreprocessPlan, metrics: Optional[dict] = None, started: Optional[float] = None) -> PreprocessSummary:
+    """After the preprocessing: summary.json read back, the accounting checked (check_accounting), the status
+    and refusal recorded in it; DataError when training must not go on (``_refusal``).
+
+    Called by run_preprocess in the launching process (with the run's Beam metrics) and by the training job's
+    fit step (pipelines/train_pipeline.py) on a worker, where Beam's metrics are not available (``metrics``
+    None: the encoded counts stay unknown there)."""
+    metrics = metrics or {}
     summary_path = files.join(plan.out_dir, SUMMARY_FILE)
     data = json.loads(files.read_bytes(summary_path))
-    metrics = _metric_totals(result)
     summary = PreprocessSummary(
         **{name: data[name] for name in PreprocessSummary._fields
            if name not in ("paths", "texts_encoded", "images_encoded")},
@@ -928,8 +937,9 @@ def run_preprocess(clicks: str, release_dir: str, manifest: dict, out_dir: str, 
     check_accounting(summary)
     refusal = _refusal(summary, plan, data.get("days", []))
     data.update(texts_encoded=summary.texts_encoded, images_encoded=summary.images_encoded,
-                metrics=dict(sorted(metrics.items())), wall_s=round(time.perf_counter() - start, 3),
-                status="refused" if refusal else "ok", refusal=refusal)
+                metrics=dict(sorted(metrics.items())), status="refused" if refusal else "ok", refusal=refusal)
+    if started is not None:
+        data["wall_s"] = round(time.perf_counter() - started, 3)
     files.write_atomically(summary_path, _dumps(data))
     _log.info("%s", summary.describe())
     if refusal:

@@ -210,12 +210,14 @@ def later(candidate: Pointer, current: Optional[Pointer]) -> bool:
 #   MODELS_DIR/
 #     LATEST                 pointer (JSON) to the promoted version; moved by compare-and-swap
 #     _lease.json            the trainer's lease
+#     _work/<version>/       a remote run's preprocessing output (examples, rejected rows), removed by its fit step
 #     <version>/             never rewritten once training.json is there
 #       fusion/              the item tower: a fusion SavedModel (embedding/fusion.py's interface)
 #       query/               the query tower: the same interface, for queries
 #       evaluation.json, report.html, rejected/part-*.parquet
 #       training.json        written last: options, data counts, encoders, size and sha256 of every file
 
+MODELS_WORK_DIR = "_work"
 MODELS_FUSION_DIR = "fusion"
 MODELS_QUERY_DIR = "query"
 TRAINING_FILE = "training.json"

@@ -334,16 +334,15 @@ def test_a_backfill_on_dataflow_refuses_a_local_catalog(sample_catalog, fake_gcs
     assert "2026-11-28  failed" in stdout and "--catalog" in stdout and "is on this machine's disk" in stdout, stdout
 
 
-def test_the_train_template_is_refused_on_dataflow_for_now(tmp_path, monkeypatch, capsys):
-    """`catalog-index train` runs its preprocessing on the local runner only (pipelines/preflight.py): the train
-    template describes its flags, but a launch that passes --runner DataflowRunner ends in one line, exit 2."""
+def test_the_train_template_refuses_local_paths_on_dataflow(tmp_path, monkeypatch, capsys):
+    """Train runs on Dataflow (its fit is a step of the job): like the index, every path must be remote."""
     main = _main_py()
     monkeypatch.setenv(main.PIPELINE_ENV, "train")
-    params = ["--clicks=gs://bucket-x/clicks/*.parquet", "--index=gs://bucket-x/index",
+    params = [f"--clicks={tmp_path}/clicks/*.parquet", "--index=gs://bucket-x/index",
               "--output=gs://bucket-x/models", "--promote_if_better=true", "--no_logq=false"]
     status, _, last, _ = _main(capsys, main.argv(params) + DATAFLOW)
-    assert status == 2
-    assert "catalog-index train runs its preprocessing on the local runner only" in last
+    assert status == 2, last
+    assert "--clicks " in last and "is on this machine's disk" in last, last
 
 
 @pytest.fixture
@@ -426,3 +425,74 @@ def test_a_template_launch_refuses_while_another_run_holds_the_lease(
     assert status != 0 and "another run is publishing" in last and "other-run" in last, last
     assert not (staged_uploads / "bucket-x" / "launch" / "job_object").exists()
     assert holder.holds()
+
+
+
+def _train_params():
+    return ["--clicks=fakegs://bucket/clicks/*.parquet", "--index=fakegs://bucket/index",
+            "--output=fakegs://bucket/models", "--models_version=m1", "--promote_if_better=true", "--no_logq=false",
+            "--runner=DataflowRunner", "--project=proj-123", "--region=us-central1", "--temp_location=gs://bucket-x/tmp"]
+
+
+@pytest.fixture
+def remote_index(fake_gcs_root, tiny_encoders, sample_catalog, tmp_path, monkeypatch):
+    """An index on fake GCS with ram:// encoders, and a click log beside it (tests/pipelines/test_train_remote.py)."""
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from search import release
+    from tests.pipelines.test_train_remote import _BeamGfile
+    from tests.search.conftest import publish
+
+    ram = f"ram://train-template-{uuid.uuid4().hex}"
+    encoders = (_to_ram(tiny_encoders[0], ram + "/text"), _to_ram(tiny_encoders[1], ram + "/image"))
+    publish(sample_catalog["catalog_glob"], "fakegs://bucket/index", encoders, "v1", "2026-11-01",
+            "--max-rejected-fraction", "0.5")
+    rows = [{"event_time": 1_795_000_000_000_000 + i * 86_400_000_000, "query": f"q{i}", "query_image_uri": None,
+             "item_id": "item-00001", "event": "click"} for i in range(3)]
+    schema = pa.schema([pa.field("event_time", pa.timestamp("us", tz="UTC")), pa.field("query", pa.string()),
+                        pa.field("query_image_uri", pa.string()), pa.field("item_id", pa.string()),
+                        pa.field("event", pa.string())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "clicks.parquet")
+    files.write_bytes("fakegs://bucket/clicks/part-0.parquet", (tmp_path / "clicks.parquet").read_bytes())
+    monkeypatch.setattr(release, "_remote_fs", lambda: _BeamGfile)
+
+
+def test_a_train_template_launch_writes_the_whole_job_graph(remote_index, staged_uploads, monkeypatch, capsys):
+    """The launcher writes one job: the preprocessing and the fit step (training happens on a worker), takes no
+    lease and writes nothing under the models directory."""
+    from apache_beam.portability.api import beam_runner_api_pb2
+    from google.auth.credentials import AnonymousCredentials
+
+    from pipelines import lease
+
+    class Anonymous(AnonymousCredentials):
+        def refresh(self, request):
+            pass
+
+    _google_auth(monkeypatch, credentials=Anonymous())
+    monkeypatch.setattr(lease.Lease, "acquire", lambda self: pytest.fail("the launcher took the lease"))
+    main = _main_py()
+    monkeypatch.setenv(main.PIPELINE_ENV, "train")
+    argv = main.argv(_train_params() + ["--template_location=gs://bucket-x/launch/job_object"])
+    status, stdout, last, _ = _main(capsys, argv)
+    assert status == 0, last
+    assert "job graph written for models version m1" in stdout, stdout
+    staged = list((staged_uploads / "bucket-x" / "tmp").rglob("pipeline.pb"))
+    pipeline = beam_runner_api_pb2.Pipeline.FromString(staged[0].read_bytes())
+    top = {t.unique_name for t in pipeline.components.transforms.values()}
+    for step in ("ReadClicks", "EncodeQueryTexts", "WriteExamples", "WriteSummary", "FitAndPublish"):
+        assert step in top, sorted(top)
+    assert files.list_files("fakegs://bucket/models") == []
+
+
+def test_a_train_dry_run_on_dataflow_submits_nothing(remote_index, monkeypatch, capsys):
+    _google_auth(monkeypatch)
+    main = _main_py()
+    monkeypatch.setenv(main.PIPELINE_ENV, "train")
+    status, stdout, last, _ = _main(capsys, main.argv(_train_params() + ["--dry_run=True"]))
+    assert status == 0, last
+    assert stdout.strip().splitlines()[-1].startswith("dry run: nothing submitted (the job for models version m1")
+    assert files.list_files("fakegs://bucket/models") == []

@@ -440,13 +440,13 @@ def test_dry_run_false_means_false():
     assert preflight.check_dry_run(_opts("--dry_run=True", *DATAFLOW)) is True
 
 
-def test_train_refuses_a_remote_runner_and_a_dry_run(tmp_path, capsys):
+def test_train_on_a_remote_runner_refuses_local_paths_and_a_local_dry_run(tmp_path, capsys):
     base = ["train", "--clicks", str(tmp_path / "c-*.parquet"), "--index", str(tmp_path / "i"), "--output",
             str(tmp_path / "m")]
     status, _, last, _ = _main(capsys, base + DATAFLOW)
     assert status == 2
-    assert "catalog-index train runs its preprocessing on the local runner only" in last
-    assert "remove --runner DataflowRunner" in last
+    assert last == (f"catalog-index train: error: --clicks {str(tmp_path / 'c-*.parquet')!r} is on this machine's "
+                    f"disk, which DataflowRunner workers cannot see; put it in a bucket and pass its gs:// path")
     status, _, last, _ = _main(capsys, base + ["--dry_run=True"])
     assert status == 2 and "--dry_run is a DataflowRunner option" in last
     assert not (tmp_path / "m").exists()
