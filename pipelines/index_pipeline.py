@@ -324,7 +324,8 @@ def build_pipeline(p: beam.Pipeline, plan: IndexPlan, opts: IndexOptions):
         reject_on_image_error=opts.reject_on_image_error, large_model=opts.large_model,
         model_cache=opts.model_cache, image_timeout=opts.image_timeout,
         allow_private_hosts=bool(opts.allow_private_image_hosts), image_root=opts.image_root,
-        previous_parts=previous_parts, staging_dir=staging)
+        previous_parts=previous_parts, staging_dir=staging,
+        fingerprints=(plan.text_encoder.fingerprint, plan.image_encoder.fingerprint))
     fused = encoded["items"] | "FuseEmbeddings" >> tr.FuseEmbeddings(plan.fusion)
     image_options = (tuple(plan.image_encoder.image_size), opts.max_image_pixels,
                      {"timeout": opts.image_timeout, "allow_private_hosts": bool(opts.allow_private_image_hosts),

@@ -13,7 +13,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from embedding.encoders import TEXT, Encoder
+from embedding import builtin
+from embedding.encoders import TEXT, Encoder, fingerprint, resolve_handle
+from schemas.errors import EncoderError
 from pipelines.progress import NAMESPACE as METRICS_NAMESPACE
 
 _log = logging.getLogger(__name__)
@@ -26,9 +28,10 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
     """
 
     def __init__(self, handle: str, kind: str, image_size=None, min_batch_size=1, max_batch_size=32,
-                 large_model=False, model_cache=None):
+                 large_model=False, model_cache=None, fingerprint: Optional[str] = None):
         super().__init__()
         self._handle = handle
+        self._fingerprint = fingerprint  # what the launcher inspected (EncoderSpec.fingerprint), checked on load
         self._model_cache = model_cache
         self._kind = kind
         self._image_size = tuple(image_size) if image_size else None
@@ -44,6 +47,15 @@ class EncoderModelHandler(ModelHandler[Any, np.ndarray, Encoder]):
     def load_model(self) -> Encoder:
         start = time.perf_counter()
         encoder = Encoder(self._handle, self._kind, self._image_size, self._model_cache)
+        if self._fingerprint and builtin.is_builtin(self._handle):
+            # A built-in handle names a folder in each machine's own cache: on remote workers, the one baked into
+            # the worker image. Hashed as the launcher hashed its copy (once per worker process: ~0.1 GB).
+            found = fingerprint(resolve_handle(self._handle, self._model_cache))
+            if found != self._fingerprint:
+                raise EncoderError(
+                    f"{self._handle} on this worker ({builtin.model_path(self._handle, self._model_cache)}) is not the "
+                    f"model the launcher inspected (fingerprint {found} != {self._fingerprint}): the worker image and "
+                    f"the launcher were built from different releases; rebuild and push both from one release")
         _log.info("loaded %s encoder %s in %.1fs", self._kind, self._handle, time.perf_counter() - start)
         return encoder
 

@@ -149,18 +149,20 @@ def _model_problem(flag: str, value: Optional[str], runner: str, model_cache: Op
         return None
     if value == "auto" or builtin.is_builtin(value):
         cache = builtin.cache_dir(model_cache)
-        if not files.is_local(cache):
-            return None
+        if not files.is_local(cache) or builtin.in_worker_image(model_cache):
+            return None  # a remote cache, or the one the worker image carries at the same path
         if value == "auto":
             names = " or ".join(h[len(builtin.PREFIX):] for h in (languages.ENGLISH_ENCODER,
                                                                   languages.MULTILINGUAL_ENCODER))
             return (f"{flag} auto picks a built-in model from this machine's model cache ({cache}), which "
                     f"{runner} workers cannot see; copy the built-in models to a bucket with `catalog-index models "
-                    f"export --to gs://BUCKET/models` and pass {flag} gs://BUCKET/models/NAME ({names})")
+                    f"export --to gs://BUCKET/models` and pass {flag} gs://BUCKET/models/NAME ({names}), or launch "
+                    f"from the launcher or worker image, whose model cache the workers carry ({builtin.IMAGE_CACHE_ENV})")
         name = value[len(builtin.PREFIX):]
         return (f"{flag} {value} is converted into this machine's model cache ({cache}), which {runner} workers "
                 f"cannot see; copy it to a bucket with `catalog-index models export --to gs://BUCKET/models "
-                f"{name}` and pass {flag} gs://BUCKET/models/{name}")
+                f"{name}` and pass {flag} gs://BUCKET/models/{name}, or launch from the launcher or worker image, "
+                f"whose model cache the workers carry ({builtin.IMAGE_CACHE_ENV})")
     if files.is_local(value):
         return (f"{flag} {value!r} is a folder on this machine, which {runner} workers cannot see; copy it to a "
                 f"bucket (`gcloud storage cp -r {value} gs://BUCKET/models/`) and pass its gs:// path")

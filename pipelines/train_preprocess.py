@@ -447,7 +447,8 @@ class EncodeQueryTexts(beam.PTransform):
     def __init__(self, spec: enc.EncoderSpec, num_buckets: int, batch_size: int, model_cache=None):
         super().__init__()
         handler = KeyedModelHandler(inference.EncoderModelHandler(
-            spec.handle, enc.TEXT, model_cache=model_cache, max_batch_size=batch_size)).with_no_batching()
+            spec.handle, enc.TEXT, model_cache=model_cache, max_batch_size=batch_size,
+            fingerprint=spec.fingerprint)).with_no_batching()
         self._inner = _EncodeDistinct("text", text_key, "text_embedding", handler, num_buckets, batch_size,
                                       QUERY_TEXTS_ENCODED)
 
@@ -512,7 +513,7 @@ class EncodeQueryImages(beam.PTransform):
         size = tuple(spec.image_size or (enc.DEFAULT_IMAGE_SIZE, enc.DEFAULT_IMAGE_SIZE))
         handler = KeyedModelHandler(inference.EncoderModelHandler(
             spec.handle, enc.IMAGE, image_size=size, model_cache=model_cache,
-            max_batch_size=batch_size)).with_no_batching()
+            max_batch_size=batch_size, fingerprint=spec.fingerprint)).with_no_batching()
         self._inner = _EncodeDistinct("image_uri", lambda uri: uri, "image_embedding", handler, num_buckets,
                                       batch_size, QUERY_IMAGES_ENCODED,
                                       load=_LoadQueryImages(size, max_pixels, fetch_options))

@@ -11,7 +11,7 @@ Items indexed without their image additionally produce a degraded record.
 import dataclasses
 import hashlib
 import logging
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -969,7 +969,8 @@ class EncodeItems(beam.PTransform):
                  max_pixels: int = images.DEFAULT_MAX_PIXELS, reject_on_image_error: bool = False,
                  large_model: bool = False, model_cache: Optional[str] = None,
                  image_timeout: float = images.DEFAULT_TIMEOUT_S, allow_private_hosts: bool = False,
-                 image_root: Optional[str] = None, previous_parts=(), *, staging_dir: str):
+                 image_root: Optional[str] = None, previous_parts=(), *, staging_dir: str,
+                 fingerprints: Tuple[Optional[str], Optional[str]] = (None, None)):
         super().__init__()
         self._staging_dir = staging_dir  # the release folder: text vectors wait in its _staging/text/
         self._previous_parts = tuple(previous_parts)
@@ -977,12 +978,13 @@ class EncodeItems(beam.PTransform):
                                "image_root": image_root}
         # Inputs are grouped upstream, so RunInference must not re-batch: a group of distinct texts, or a
         # batch's images, is one example keyed by its records, encoded in fixed-shape model batches.
+        # fingerprints: (text, image) as the launcher inspected them; a worker's built-in model must match.
         self._text = KeyedModelHandler(inference.WholeBatches(inference.EncoderModelHandler(
-            text_encoder, enc.TEXT, large_model=large_model, model_cache=model_cache),
+            text_encoder, enc.TEXT, large_model=large_model, model_cache=model_cache, fingerprint=fingerprints[0]),
             batch_size)).with_no_batching()
         self._image = KeyedModelHandler(inference.WholeBatches(inference.EncoderModelHandler(
             image_encoder, enc.IMAGE, image_size=image_size, large_model=large_model,
-            model_cache=model_cache), batch_size)).with_no_batching()
+            model_cache=model_cache, fingerprint=fingerprints[1]), batch_size)).with_no_batching()
         self._image_size = tuple(image_size)
         self._num_buckets = num_buckets
         self._batch_size = batch_size

@@ -18,9 +18,27 @@
 #       --metadata-file deploy/dataflow/index/metadata.json
 #
 # Without --build-arg the FROM line is invalid and the build stops at once (no silent `latest`).
+#
+# The built-in encoders: copied from the worker image (built and pushed first), pinned by its digest, so the
+# launcher inspects and fingerprints exactly the model files the workers load. Both images set
+# CATALOG_INDEX_IMAGE_MODEL_CACHE to that cache, which tells the CLI's Dataflow preflight that `builtin:`
+# handles (the defaults) and `auto` resolve on the workers too; a worker whose copy differs from the
+# fingerprint in the job fails at load (pipelines/inference.py). Add, to the build above:
+#
+#   --build-arg WORKER_IMAGE=REGION-docker.pkg.dev/PROJECT/REPO/catalog-index-worker \
+#   --build-arg WORKER_IMAGE_DIGEST=$(gcloud artifacts docker images describe \
+#       REGION-docker.pkg.dev/PROJECT/REPO/catalog-index-worker:VERSION --format='value(image_summary.digest)')
+#
+# and launch jobs with --sdk_container_image=REGION-docker.pkg.dev/PROJECT/REPO/catalog-index-worker@DIGEST.
 
 # sha256:... of python311-template-launcher-base; required, no default.
 ARG LAUNCHER_BASE_DIGEST
+# The worker image (repository path without tag) and its sha256 digest; required, no default.
+ARG WORKER_IMAGE
+ARG WORKER_IMAGE_DIGEST
+
+# --- stage 0: the worker image, for its built-in encoders --------------------------------
+FROM ${WORKER_IMAGE}@${WORKER_IMAGE_DIGEST} AS worker
 
 # --- stage 1: the project's wheel (same recipe as the worker image) ---------------------
 FROM apache/beam_python3.11_sdk:2.77.0 AS wheel
@@ -46,6 +64,10 @@ COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir --constraint /tmp/constraints.txt --find-links /wheels /wheels/catalog_index-*.whl \
  && python -c "import apache_beam, catalog_index.cli; assert apache_beam.__version__ == '2.77.0', apache_beam.__version__" \
  && rm -rf /wheels
+COPY --from=worker /opt/catalog-index/models /opt/catalog-index/models
+ENV CATALOG_INDEX_MODEL_CACHE=/opt/catalog-index/models
+ENV CATALOG_INDEX_IMAGE_MODEL_CACHE=/opt/catalog-index/models
+ENV ARROW_DEFAULT_MEMORY_POOL=system
 COPY deploy/dataflow/main.py /template/main.py
 ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/main.py
 # No FLEX_TEMPLATE_PYTHON_SETUP_FILE / _REQUIREMENTS_FILE: the project is installed above, and the

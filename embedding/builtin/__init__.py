@@ -34,6 +34,9 @@ PREFIX = "builtin:"
 # Bump when a converter changes what it writes: old cache entries are then ignored.
 CONVERSION_VERSION = 1
 CACHE_ENV = "CATALOG_INDEX_MODEL_CACHE"
+# Set by the worker and launcher images (deploy/dataflow/): the model cache at this path holds the built-in
+# models baked into the worker image, so remote workers have them at the same path, byte for byte.
+IMAGE_CACHE_ENV = "CATALOG_INDEX_IMAGE_MODEL_CACHE"
 _COMPLETE = ".complete"  # the JSON build record, written last; not part of the recorded fingerprint
 _MARKER_MAX_BYTES = 1 << 16
 _MISSING = "not built"
@@ -230,6 +233,13 @@ def _build(model: BuiltinModel, path: str, root: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     _verified[path] = _marker_identity(path)
     _log.info("built %s into %s in %.1fs", PREFIX + model.name, path, time.perf_counter() - start)
+
+
+def in_worker_image(cache: Optional[str] = None) -> bool:
+    """Whether the model cache in use is the one baked into the worker image ($CATALOG_INDEX_IMAGE_MODEL_CACHE,
+    set by the images): remote workers then find the same built-in models at the same path."""
+    baked = os.environ.get(IMAGE_CACHE_ENV)
+    return bool(baked) and os.path.normpath(cache_dir(cache)) == os.path.normpath(baked)
 
 
 def ensure_built(handle: str, cache: Optional[str] = None) -> str:

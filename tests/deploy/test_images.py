@@ -338,3 +338,24 @@ def test_worker_allocates_arrow_buffers_with_malloc():
 
     env = " ".join(rest for word, rest in _instructions(WORKER) if word == "ENV")
     assert f"{files.ARROW_POOL_ENV}=system" in env.split()
+
+
+def _env(dockerfile):
+    pairs = [p.partition("=") for word, rest in _instructions(dockerfile) if word == "ENV" for p in rest.split()]
+    return {k: v for k, _, v in pairs}
+
+
+def test_the_launcher_carries_the_worker_images_builtin_models_at_the_same_path():
+    """The preflight accepts built-in handles on Dataflow only where CATALOG_INDEX_IMAGE_MODEL_CACHE says the
+    model cache is the worker image's (embedding/builtin.in_worker_image): both images must set it to their
+    cache, and the launcher's cache must be copied from the worker image, pinned by digest."""
+    from embedding import builtin
+
+    worker, launcher = _env(WORKER), _env(LAUNCHER)
+    for env in (worker, launcher):
+        assert env[builtin.IMAGE_CACHE_ENV] == env[builtin.CACHE_ENV] == worker[builtin.CACHE_ENV]
+    froms = [rest.split() for word, rest in _instructions(LAUNCHER) if word == "FROM"]
+    worker_stage = [f for f in froms if len(f) >= 3 and f[2].lower() == "worker"]
+    assert worker_stage and re.fullmatch(r"\$\{WORKER_IMAGE\}@\$\{WORKER_IMAGE_DIGEST\}", worker_stage[0][0])
+    copies = [rest for word, rest in _instructions(LAUNCHER) if word == "COPY"]
+    assert f"--from=worker {worker[builtin.CACHE_ENV]} {launcher[builtin.CACHE_ENV]}" in copies, copies

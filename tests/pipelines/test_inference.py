@@ -62,3 +62,20 @@ def test_whole_batches_gives_empty_lists_nothing_and_a_failing_batch_its_failure
     assert [type(v).__name__ for v in out[3]] == ["BatchFailure", "BatchFailure", "ndarray"]
     assert out[3][0].inputs == 2
     np.testing.assert_array_equal(out[3][2], out[2][0])
+
+
+def test_a_builtin_model_on_a_worker_must_be_the_one_the_launcher_inspected(builtin_cache):
+    """A built-in handle resolves in each machine's own cache (on Dataflow, the one baked into the worker image):
+    the handler checks the worker's copy against the fingerprint the launcher recorded."""
+    import pytest
+
+    from schemas.errors import EncoderError
+
+    handle = "builtin:efficientnet-lite0"
+    inspected = enc.inspect_encoder(handle, enc.IMAGE, model_cache=builtin_cache)  # what the launcher does
+    loaded = inference.EncoderModelHandler(handle, enc.IMAGE, model_cache=builtin_cache,
+                                 fingerprint=inspected.fingerprint).load_model()
+    assert loaded.probe() == 1280
+    other = "sha256:" + "0" * 64  # a worker image built from another release
+    with pytest.raises(EncoderError, match="is not the model the launcher inspected .*rebuild and push both"):
+        inference.EncoderModelHandler(handle, enc.IMAGE, model_cache=builtin_cache, fingerprint=other).load_model()

@@ -334,6 +334,25 @@ def test_builtin_encoders_from_a_bucket_cache_are_not_local(monkeypatch):
     preflight.check_worker_paths(opts, [("--text-encoder", "https://tfhub.dev/x/1", preflight.MODEL)])
 
 
+def test_builtin_encoders_are_accepted_from_the_model_cache_the_worker_image_carries(tmp_path, monkeypatch):
+    """The launcher and worker images set CATALOG_INDEX_IMAGE_MODEL_CACHE to their (shared) cache: built-in
+    handles and auto resolve there on the workers too. Any other cache is still this machine's."""
+    from embedding import builtin
+    from schemas.errors import ConfigError
+
+    baked = str(tmp_path / "opt-models")
+    opts = _opts(*DATAFLOW)
+    handles = [("--text-encoder", "builtin:minilm-l6-v2", preflight.MODEL), ("--text-encoder", "auto", preflight.MODEL)]
+    monkeypatch.setenv(builtin.CACHE_ENV, baked)
+    with pytest.raises(ConfigError, match=f"or launch from the launcher or worker image.*{builtin.IMAGE_CACHE_ENV}"):
+        preflight.check_worker_paths(opts, handles[:1])  # no image says so: refused
+    monkeypatch.setenv(builtin.IMAGE_CACHE_ENV, baked + "/")
+    preflight.check_worker_paths(opts, handles)  # the image's cache: accepted
+    for other in (str(tmp_path / "elsewhere"),):  # --model-cache pointing elsewhere: this machine's again
+        with pytest.raises(ConfigError, match="is converted into this machine's model cache"):
+            preflight.check_worker_paths(opts, handles[:1], model_cache=other)
+
+
 @pytest.mark.parametrize("drop, add, words", [
     ("--project", [], ["DataflowRunner needs --project"]),
     (None, ["--project", "123456"], ["--project '123456' is not a project ID"]),
