@@ -10,11 +10,11 @@ One DAG, ``catalog_index``, one run per catalog day (schedule ``0 3 * * *``, ``c
   run's logical date) and only for recent dates (catch-up runs of old days never retrain).
   On other days it skips ``retrain`` alone (``ignore_downstream_trigger_rules=False``); ``index`` then
   runs through its ``none_failed`` trigger rule.
-* ``retrain``: ``catalog-index train ... --promote-if-better`` in a Kubernetes pod running the worker image.
-  Not a Dataflow job: train's preprocessing runs on Beam's local runner only (it writes a local temp
-  folder and reads a local copy of the index; any other ``--runner`` exits 2), so it needs one machine
-  with enough memory and disk, not a Dataflow cluster. It trains against the index's LATEST (yesterday's
-  version) and moves ``MODELS_DIR/LATEST`` only when the new model beats the index's fusion.
+* ``retrain``: the train Flex Template (``gs://BUCKET/templates/train.json``) on Dataflow with
+  ``promote_if_better``: one job, the click preprocessing on the workers, then the fit step (training,
+  evaluation, publication) on one worker, so the job's machine type (``CONFIG["train_machine_type"]``,
+  high-memory) must hold every item's text and image vectors. It trains against the index's LATEST
+  (yesterday's version) and moves ``MODELS_DIR/LATEST`` only when the new model beats the index's fusion.
 * ``index``: the index Flex Template (``gs://BUCKET/templates/index.json``) on Dataflow for the day's
   catalog, version ``<ds>`` with the date's midnight as its snapshot: exactly what
   ``catalog-index backfill`` would name and date, so a backfill and this DAG agree and a rerun of a
@@ -54,6 +54,8 @@ CONFIG = {
     "region": os.environ.get("CATALOG_INDEX_REGION", "europe-west4"),
     # Bucket of the catalog, index, models, templates and temp files (see deploy/README.md's layout).
     "bucket": os.environ.get("CATALOG_INDEX_BUCKET", "my-catalog-bucket"),
+    # Best pinned by digest (...catalog-index-worker@sha256:...): the launcher image's built-in models are
+    # copied from one worker image digest, and each worker checks its copy against them.
     "worker_image": os.environ.get("CATALOG_INDEX_WORKER_IMAGE",
                                    "europe-west4-docker.pkg.dev/my-project/catalog-index/catalog-index-worker:0.1.0"),
     "service_account": os.environ.get("CATALOG_INDEX_SERVICE_ACCOUNT",
@@ -61,6 +63,8 @@ CONFIG = {
     "namespace": os.environ.get("CATALOG_INDEX_K8S_NAMESPACE", "catalog-index"),
     "shards": os.environ.get("CATALOG_INDEX_SHARDS", "16"),
     "machine_type": os.environ.get("CATALOG_INDEX_MACHINE_TYPE", "n1-standard-4"),
+    # The train job's fit step holds every item's vectors on one worker: ~6.7 KB per item at the built-in sizes.
+    "train_machine_type": os.environ.get("CATALOG_INDEX_TRAIN_MACHINE_TYPE", "n1-highmem-8"),
     "max_workers": int(os.environ.get("CATALOG_INDEX_MAX_WORKERS", "100")),
     "keep_versions": os.environ.get("CATALOG_INDEX_KEEP", "14"),
     "older_than_days": os.environ.get("CATALOG_INDEX_OLDER_THAN_DAYS", "14"),
@@ -70,33 +74,45 @@ CATALOG_PREFIX = "catalog"  # partitions: gs://BUCKET/catalog/dt=YYYY-MM-DD/*.pa
 CLICKS_GLOB = BUCKET + "/clicks/*/*.parquet"  # click log: gs://BUCKET/clicks/dt=YYYY-MM-DD/*.parquet
 INDEX_ROOT = BUCKET + "/index"
 MODELS_DIR = BUCKET + "/fusion"
-TEXT_ENCODER = BUCKET + "/models/minilm-l6-v2"  # catalog-index models export --to gs://BUCKET/models
-IMAGE_ENCODER = BUCKET + "/models/efficientnet-lite0"
 INDEX_TEMPLATE = BUCKET + "/templates/index.json"
+TRAIN_TEMPLATE = BUCKET + "/templates/train.json"
 RETRAIN_WEEKDAY = 6  # Sunday, by datetime.date.weekday() of the logical date
 RETRAIN_MAX_AGE_DAYS = 3  # catch-up runs of older days never retrain
 
 NIGHTLY_SCHEDULE = "0 3 * * *"  # 03:00 UTC; the run for logical date D indexes D's partition
 
-# Template parameters: the index flags' underscore spellings (catalog-index index --help).
+# Template parameters: the index flags' underscore spellings (catalog-index index --help). No encoder: the
+# built-in defaults, which the launcher and worker images carry (deploy/README.md "Models"); to use other
+# models, add text_encoder / image_encoder with gs:// paths.
 INDEX_PARAMETERS = {
     "catalog": BUCKET + "/" + CATALOG_PREFIX + "/dt={{ ds }}/*.parquet",
     "output": INDEX_ROOT,
     "version": "{{ ds }}",
     "snapshot_time": "{{ ds }}T00:00:00Z",
-    "text_encoder": TEXT_ENCODER,
-    "image_encoder": IMAGE_ENCODER,
     "fusion_model": MODELS_DIR,
     "shards": CONFIG["shards"],
 }
 
-TRAIN_ARGUMENTS = [
-    "train",
-    "--clicks", CLICKS_GLOB,
-    "--index", INDEX_ROOT,
-    "--output", MODELS_DIR,
-    "--promote-if-better",
-]
+# The train flags' underscore spellings (catalog-index train --help); switches take "true"/"false".
+TRAIN_PARAMETERS = {
+    "clicks": CLICKS_GLOB,
+    "index": INDEX_ROOT,
+    "output": MODELS_DIR,
+    "promote_if_better": "true",
+}
+
+
+def _environment(machine_type):
+    """The launch's runtime environment: the worker image, runner v2, the bucket's temp and staging."""
+    return {
+        "serviceAccountEmail": CONFIG["service_account"],
+        "sdkContainerImage": CONFIG["worker_image"],  # deploy/dataflow/Dockerfile
+        "tempLocation": BUCKET + "/tmp",
+        "stagingLocation": BUCKET + "/staging",
+        "machineType": machine_type,
+        "maxWorkers": CONFIG["max_workers"],
+        "additionalExperiments": ["use_runner_v2"],
+    }
 
 GC_ARGUMENTS = [
     "gc",
@@ -143,15 +159,19 @@ with DAG(
         ignore_downstream_trigger_rules=False,
     )
 
-    retrain = KubernetesPodOperator(
+    retrain = DataflowStartFlexTemplateOperator(
         task_id="retrain",
-        name="catalog-index-train",
-        namespace=CONFIG["namespace"],
-        image=CONFIG["worker_image"],
-        cmds=["catalog-index"],
-        arguments=TRAIN_ARGUMENTS,
-        service_account_name="catalog-index-runner",  # Workload Identity -> the runner service account
-        get_logs=True,
+        project_id=CONFIG["project"],
+        location=CONFIG["region"],
+        body={
+            "launchParameter": {
+                "jobName": "catalog-index-train-{{ ds_nodash }}",
+                "containerSpecGcsPath": TRAIN_TEMPLATE,
+                "parameters": TRAIN_PARAMETERS,
+                "environment": _environment(CONFIG["train_machine_type"]),
+            }
+        },
+        wait_until_finished=True,  # the night's index reads MODELS_DIR/LATEST after it
         execution_timeout=datetime.timedelta(hours=6),
     )
 
@@ -164,15 +184,7 @@ with DAG(
                 "jobName": "catalog-index-{{ ds_nodash }}",
                 "containerSpecGcsPath": INDEX_TEMPLATE,
                 "parameters": INDEX_PARAMETERS,
-                "environment": {
-                    "serviceAccountEmail": CONFIG["service_account"],
-                    "sdkContainerImage": CONFIG["worker_image"],  # deploy/dataflow/Dockerfile
-                    "tempLocation": BUCKET + "/tmp",
-                    "stagingLocation": BUCKET + "/staging",
-                    "machineType": CONFIG["machine_type"],
-                    "maxWorkers": CONFIG["max_workers"],
-                    "additionalExperiments": ["use_runner_v2"],
-                },
+                "environment": _environment(CONFIG["machine_type"]),
             }
         },
         wait_until_finished=True,
@@ -187,7 +199,7 @@ with DAG(
         image=CONFIG["worker_image"],
         cmds=["catalog-index"],
         arguments=GC_ARGUMENTS,
-        service_account_name="catalog-index-runner",
+        service_account_name="catalog-index-runner",  # Workload Identity -> the runner service account
         get_logs=True,
         execution_timeout=datetime.timedelta(hours=1),
     )

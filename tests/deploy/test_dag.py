@@ -26,6 +26,7 @@ from schemas import layout
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DAG_FILE = ROOT / "deploy" / "airflow" / "catalog_index_dag.py"
 INDEX_METADATA = ROOT / "deploy" / "dataflow" / "index" / "metadata.json"
+TRAIN_METADATA = ROOT / "deploy" / "dataflow" / "train" / "metadata.json"
 
 
 def _tree():
@@ -121,7 +122,7 @@ def test_task_ids_and_operators(dag):
     assert kinds == {
         "wait_for_catalog": "GCSObjectsWithPrefixExistenceSensor",
         "retrain_due": "ShortCircuitOperator",
-        "retrain": "KubernetesPodOperator",  # train runs on the local runner only: one pod, not Dataflow
+        "retrain": "DataflowStartFlexTemplateOperator",  # one job: preprocessing, then the fit step
         "index": "DataflowStartFlexTemplateOperator",
         "gc": "KubernetesPodOperator",  # a CLI command, not a pipeline
     }
@@ -194,34 +195,40 @@ def test_index_parameters_are_index_flags(dag):
     assert kw["wait_until_finished"] is True, "gc must not start while the index still publishes"
 
 
-def test_index_parameters_are_declared_by_the_template(dag):
-    params = dag["tasks"]["index"][1]["body"]["launchParameter"]["parameters"]
-    if INDEX_METADATA.exists():
-        declared = {p["name"] for p in json.loads(INDEX_METADATA.read_text())["parameters"]}
-    else:  # the generated template is not there yet: the names it will declare (underscore spellings)
-        declared = {s[2:].replace("-", "_") for s in _option_strings(
-            IndexOptions._add_argparse_args)}  # pylint: disable=protected-access
+@pytest.mark.parametrize("task, metadata", [("index", INDEX_METADATA), ("retrain", TRAIN_METADATA)])
+def test_template_parameters_are_declared_by_the_template(dag, task, metadata):
+    params = dag["tasks"][task][1]["body"]["launchParameter"]["parameters"]
+    parameters = json.loads(metadata.read_text())["parameters"]
+    declared = {p["name"] for p in parameters}
     assert set(params) <= declared, sorted(set(params) - declared)
-    if INDEX_METADATA.exists():  # values, as rendered for a date, pass the template's own regexes
-        regexes = {p["name"]: p.get("regexes", []) for p in json.loads(INDEX_METADATA.read_text())["parameters"]}
-        for name, value in params.items():
-            for regex in regexes[name]:
-                assert re.search(regex, _rendered(str(value))), f"{name}={value!r} does not match {regex}"
+    regexes = {p["name"]: p.get("regexes", []) for p in parameters}  # values, rendered for a date, pass them
+    for name, value in params.items():
+        for regex in regexes[name]:
+            assert re.search(regex, _rendered(str(value))), f"{name}={value!r} does not match {regex}"
 
 
-def test_train_arguments(dag):
+def test_train_parameters_are_train_flags(dag):
+    """What the train template's launcher turns them into (deploy/dataflow/main.py) is a valid train argv."""
+    from pipelines import templates
+
     cls, kw = dag["tasks"]["retrain"]
-    assert kw["cmds"] == ["catalog-index"] and kw["arguments"][0] == "train"
-    argv = kw["arguments"][1:]
+    launch = kw["body"]["launchParameter"]
+    argv = templates.cli_argv("train", [f"--{k}={_rendered(str(v))}" for k, v in launch["parameters"].items()])
     parser = argparse.ArgumentParser()
     TrainOptions._add_argparse_args(parser)  # pylint: disable=protected-access
     args, unknown = parser.parse_known_args(argv)
     assert unknown == [], unknown
     assert args.promote_if_better is True
-    assert "--runner" not in " ".join(argv), "train runs on the local runner only"
     config = dag["config"]
     assert args.index == config["INDEX_ROOT"] and args.output == config["MODELS_DIR"]
     assert args.clicks.startswith("gs://")
+    assert launch["containerSpecGcsPath"] == "gs://" + config["CONFIG"]["bucket"] + "/templates/train.json"
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", _rendered(launch["jobName"])), "Dataflow job name"
+    env = launch["environment"]
+    assert env["sdkContainerImage"] == config["CONFIG"]["worker_image"], "workers run the pinned image"
+    assert env["machineType"] == config["CONFIG"]["train_machine_type"]
+    assert "use_runner_v2" in env["additionalExperiments"]
+    assert kw["wait_until_finished"] is True, "the index after it must see the promoted model"
 
 
 def test_gc_arguments(dag):
