@@ -224,6 +224,17 @@ def test_main_py_runs_the_pipeline_named_by_the_environment(monkeypatch):
     assert main.argv(["--promote_if_better=true"]) == ["train", "--promote_if_better"]
 
 
+def test_main_py_runs_train_for_the_train_templates_parameters(monkeypatch):
+    """`flex-template build --image` sets no environment: one launcher image, the command from the parameters."""
+    main = _main_py()
+    monkeypatch.delenv(main.PIPELINE_ENV, raising=False)
+    assert main.argv(["--clicks=gs://b/c/*.parquet", "--index=gs://b/i", "--promote_if_better=true"]) == [
+        "train", "--clicks=gs://b/c/*.parquet", "--index=gs://b/i", "--promote_if_better"]
+    assert main.argv(["--catalog=gs://b/c", "--output=gs://b/i"])[0] == "index"
+    monkeypatch.setenv(main.PIPELINE_ENV, "index")  # the variable still wins
+    assert main.argv(["--clicks=gs://b/c"])[0] == "index"
+
+
 # --------------------------------------------------------------------------- --help and the README
 
 
