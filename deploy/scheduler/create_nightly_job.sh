@@ -21,16 +21,22 @@ TIME_ZONE="${TIME_ZONE:-Etc/UTC}"
 JOB_NAME="${JOB_NAME:-catalog-index-nightly}"
 TEMPLATE="${TEMPLATE:-gs://${BUCKET}/templates/index.json}"
 OUTPUT="${OUTPUT:-gs://${BUCKET}/index}"
-TEXT_ENCODER="${TEXT_ENCODER:-gs://${BUCKET}/models/minilm-l6-v2}"
-IMAGE_ENCODER="${IMAGE_ENCODER:-gs://${BUCKET}/models/efficientnet-lite0}"
+TEXT_ENCODER="${TEXT_ENCODER:-}"    # empty: the built-in encoders the launcher and worker images carry
+IMAGE_ENCODER="${IMAGE_ENCODER:-}"  # (or gs:// paths, e.g. from `catalog-index models export`)
 FUSION_MODEL="${FUSION_MODEL:-gs://${BUCKET}/fusion}"  # set FUSION_MODEL= (empty) before the first promoted model
 SHARDS="${SHARDS:-16}"
 MACHINE_TYPE="${MACHINE_TYPE:-n1-standard-4}"
 MAX_WORKERS="${MAX_WORKERS:-100}"
 
-fusion=""
+optional=""
+if [[ -n "${TEXT_ENCODER}" ]]; then
+  optional+=", \"text_encoder\": \"${TEXT_ENCODER}\""
+fi
+if [[ -n "${IMAGE_ENCODER}" ]]; then
+  optional+=", \"image_encoder\": \"${IMAGE_ENCODER}\""
+fi
 if [[ -n "${FUSION_MODEL}" ]]; then
-  fusion=", \"fusion_model\": \"${FUSION_MODEL}\""
+  optional+=", \"fusion_model\": \"${FUSION_MODEL}\""
 fi
 
 body="$(mktemp)"
@@ -43,9 +49,7 @@ cat > "${body}" <<JSON
     "parameters": {
       "catalog": "${CATALOG}",
       "output": "${OUTPUT}",
-      "text_encoder": "${TEXT_ENCODER}",
-      "image_encoder": "${IMAGE_ENCODER}",
-      "shards": "${SHARDS}"${fusion}
+      "shards": "${SHARDS}"${optional}
     },
     "environment": {
       "serviceAccountEmail": "${WORKER_SA}",

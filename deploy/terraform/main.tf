@@ -9,17 +9,18 @@
 locals {
   template_path = coalesce(var.template_path, "gs://${var.bucket}/templates/index.json")
   output        = coalesce(var.output, "gs://${var.bucket}/index")
-  text_encoder  = coalesce(var.text_encoder, "gs://${var.bucket}/models/minilm-l6-v2")
-  image_encoder = coalesce(var.image_encoder, "gs://${var.bucket}/models/efficientnet-lite0")
 
   # Index template parameters: the flags' underscore spellings, all strings.
   base_parameters = {
     catalog       = var.catalog
     output        = local.output
-    text_encoder  = local.text_encoder
-    image_encoder = local.image_encoder
     shards        = tostring(var.shards)
   }
+  # No encoder parameters by default: the built-in encoders the launcher and worker images carry.
+  encoder_parameters = merge(
+    var.text_encoder == null ? {} : { text_encoder = var.text_encoder },
+    var.image_encoder == null ? {} : { image_encoder = var.image_encoder },
+  )
   fusion_parameters = var.fusion_model == null ? {} : {
     fusion_model = var.fusion_model
   }
@@ -27,7 +28,8 @@ locals {
     large_model = "true"
     batch_size  = "128" # measured on an H200: both encoders near their plateau (benchmarks/README.md)
   } : {}
-  parameters = merge(local.base_parameters, local.fusion_parameters, local.gpu_parameters, var.extra_parameters)
+  parameters = merge(local.base_parameters, local.encoder_parameters, local.fusion_parameters, local.gpu_parameters,
+  var.extra_parameters)
 
   environment = merge({
     serviceAccountEmail   = var.worker_service_account

@@ -68,13 +68,13 @@ variable "output" {
 }
 
 variable "text_encoder" {
-  description = "Text encoder path (exported with `catalog-index models export`); default gs://BUCKET/models/minilm-l6-v2."
+  description = "Text encoder path (gs://, e.g. exported with `catalog-index models export`); default null: the built-in encoder the launcher and worker images carry."
   type        = string
   default     = null
 }
 
 variable "image_encoder" {
-  description = "Image encoder path; default gs://BUCKET/models/efficientnet-lite0."
+  description = "Image encoder path (gs://); default null: the built-in encoder the images carry."
   type        = string
   default     = null
 }

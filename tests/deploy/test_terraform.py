@@ -161,6 +161,19 @@ def test_rendered_request_body_names_only_template_parameters(tmp_path, gpu):
 
 
 @needs_terraform
+def test_encoders_are_the_images_built_ins_unless_given(tmp_path):
+    """No encoder parameter by default: the launcher and worker images carry the built-in encoders."""
+    assert _render(tmp_path).returncode == 0
+    params = json.loads(_output(tmp_path, "launch_body"))["launchParameter"]["parameters"]
+    assert "text_encoder" not in params and "image_encoder" not in params
+    given = tmp_path / "given"
+    given.mkdir()
+    assert _render(given, "-var", "text_encoder=gs://b/models/minilm-l6-v2").returncode == 0
+    params = json.loads(_output(given, "launch_body"))["launchParameter"]["parameters"]
+    assert params["text_encoder"] == "gs://b/models/minilm-l6-v2" and "image_encoder" not in params
+
+
+@needs_terraform
 def test_an_undeclared_extra_parameter_is_refused(tmp_path):
     done = _render(tmp_path, "-var", 'extra_parameters={"treez":"100"}')
     assert done.returncode != 0 and "every key must be a parameter of the index template" in done.stderr
@@ -178,6 +191,12 @@ def test_gcloud_script_body_names_only_template_parameters():
     text, command = done.stdout.rsplit("}\n", 1)
     body = json.loads(text + "}")["launchParameter"]
     assert set(body["parameters"]) <= set(_declared_parameters())
+    assert "text_encoder" not in body["parameters"], "the images' built-in encoders unless TEXT_ENCODER is set"
+    env["IMAGE_ENCODER"] = "gs://b/models/efficientnet-lite0"
+    done = subprocess.run(["bash", str(ROOT / "deploy" / "scheduler" / "create_nightly_job.sh")], env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    given = json.loads(done.stdout.rsplit("}\n", 1)[0] + "}")["launchParameter"]["parameters"]
+    assert given["image_encoder"] == "gs://b/models/efficientnet-lite0" and "text_encoder" not in given
     assert body["parameters"]["fusion_model"] == "gs://b/fusion"
     assert body["containerSpecGcsPath"] == "gs://b/templates/index.json"
     assert body["environment"]["sdkContainerImage"] == "r-docker.pkg.dev/p/r/catalog-index-worker:1"
