@@ -102,17 +102,25 @@ TRAIN_PARAMETERS = {
 }
 
 
-def _environment(machine_type):
-    """The launch's runtime environment: the worker image, runner v2, the bucket's temp and staging."""
+def _launch(job_name, template, parameters, machine_type):
+    """A flexTemplates:launch body: the worker image, runner v2, the bucket's temp and staging."""
     return {
-        "serviceAccountEmail": CONFIG["service_account"],
-        "sdkContainerImage": CONFIG["worker_image"],  # deploy/dataflow/Dockerfile
-        "tempLocation": BUCKET + "/tmp",
-        "stagingLocation": BUCKET + "/staging",
-        "machineType": machine_type,
-        "maxWorkers": CONFIG["max_workers"],
-        "additionalExperiments": ["use_runner_v2"],
+        "launchParameter": {
+            "jobName": job_name,
+            "containerSpecGcsPath": template,
+            "parameters": parameters,
+            "environment": {
+                "serviceAccountEmail": CONFIG["service_account"],
+                "sdkContainerImage": CONFIG["worker_image"],  # deploy/dataflow/Dockerfile
+                "tempLocation": BUCKET + "/tmp",
+                "stagingLocation": BUCKET + "/staging",
+                "machineType": machine_type,
+                "maxWorkers": CONFIG["max_workers"],
+                "additionalExperiments": ["use_runner_v2"],
+            },
+        }
     }
+
 
 GC_ARGUMENTS = [
     "gc",
@@ -163,14 +171,8 @@ with DAG(
         task_id="retrain",
         project_id=CONFIG["project"],
         location=CONFIG["region"],
-        body={
-            "launchParameter": {
-                "jobName": "catalog-index-train-{{ ds_nodash }}",
-                "containerSpecGcsPath": TRAIN_TEMPLATE,
-                "parameters": TRAIN_PARAMETERS,
-                "environment": _environment(CONFIG["train_machine_type"]),
-            }
-        },
+        body=_launch("catalog-index-train-{{ ds_nodash }}", TRAIN_TEMPLATE, TRAIN_PARAMETERS,
+                     CONFIG["train_machine_type"]),
         wait_until_finished=True,  # the night's index reads MODELS_DIR/LATEST after it
         execution_timeout=datetime.timedelta(hours=6),
     )
@@ -179,14 +181,7 @@ with DAG(
         task_id="index",
         project_id=CONFIG["project"],
         location=CONFIG["region"],
-        body={
-            "launchParameter": {
-                "jobName": "catalog-index-{{ ds_nodash }}",
-                "containerSpecGcsPath": INDEX_TEMPLATE,
-                "parameters": INDEX_PARAMETERS,
-                "environment": _environment(CONFIG["machine_type"]),
-            }
-        },
+        body=_launch("catalog-index-{{ ds_nodash }}", INDEX_TEMPLATE, INDEX_PARAMETERS, CONFIG["machine_type"]),
         wait_until_finished=True,
         trigger_rule="none_failed",
         execution_timeout=datetime.timedelta(hours=8),
