@@ -13,7 +13,7 @@ then ``FitAndPublish``, one step on one worker that trains, evaluates, writes
 and promotes, so the whole run works on the local runners and on Dataflow,
 from a workstation, a pod or a Flex Template launch (which only writes the job
 graph and exits). The examples go to a local temp folder on local runners, to
-``MODELS_DIR/_work/<version>/`` on remote ones (removed by the fit step).
+``MODELS_DIR/_work/<version>/`` on remote ones (removed by the fit step after success).
 Nothing is overwritten: every run writes a new version folder, seals it with
 training.json (size and sha256 of every file), and moves LATEST only after
 that, under the models directory's lease, by compare-and-swap; with
@@ -274,6 +274,13 @@ def not_promoted_why(decision: dict) -> str:
             f"baseline's {decision['baseline']}")
 
 
+def _promote_if_due(plan: TrainPlan, raw_training: bytes, decision: dict, owner: lease.Lease) -> None:
+    if plan.promote_if_better and not decision["candidate_is_better"]:
+        _log.info("LATEST not moved: %s", not_promoted_why(decision))
+    else:
+        promote(plan.models_dir, plan.version, hashlib.sha256(raw_training).hexdigest(), owner)
+
+
 def fit_and_publish(plan: TrainPlan, summary) -> None:
     """Trains, evaluates, writes and (maybe) promotes the models version; runs in the job's fit step."""
     from embedding import fusion as fus
@@ -282,6 +289,16 @@ def fit_and_publish(plan: TrainPlan, summary) -> None:
     from training import model as tm
     from training import report
 
+    sealed = files.join(plan.version_dir, layout.TRAINING_FILE)
+    if files.exists(sealed):
+        # A retried fit step (Dataflow retries failed work): an earlier attempt sealed this version, which is
+        # never rewritten (a promoted training.json is what LATEST's checksum names); only the promotion is
+        # finished, as that attempt decided it.
+        _log.warning("%s was sealed by an earlier attempt of this step; not training again", plan.version_dir)
+        decision = json.loads(files.read_bytes(files.join(plan.version_dir, layout.EVALUATION_FILE)))["decision"]
+        with plan.owner().held() as owner:
+            _promote_if_due(plan, files.read_bytes(sealed), decision, owner)
+        return
     # 1. Items and examples in memory (vectors of each item once; examples point at them).
     ids, items = load_items(plan.release_dir, plan.manifest)
     row_of = {item_id: i for i, item_id in enumerate(ids)}
@@ -366,10 +383,7 @@ def fit_and_publish(plan: TrainPlan, summary) -> None:
         # 5. Sealed, then promoted, under the models directory's lease (the launcher's, or taken just for this).
         with plan.owner().held() as owner:
             _copy_up(local, plan.version_dir, layout.TRAINING_FILE)
-            if plan.promote_if_better and not decision["candidate_is_better"]:
-                _log.info("LATEST not moved: %s", not_promoted_why(decision))
-            else:
-                promote(plan.models_dir, plan.version, hashlib.sha256(raw).hexdigest(), owner)
+            _promote_if_due(plan, raw, decision, owner)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -377,7 +391,8 @@ def fit_and_publish(plan: TrainPlan, summary) -> None:
 class _FitAndPublish(beam.DoFn):
     """The job's last step (one element, one worker): settles the preprocessing (accounting, refusal), then
     fit_and_publish. A refusal keeps the rejected rows and summary in ``<version>/rejected/`` (no
-    training.json: nothing ever loads that folder as a model)."""
+    training.json: nothing ever loads that folder as a model). A remote work folder is removed after
+    success only: a retried attempt needs the examples (a failed job leaves them for the operator)."""
 
     def __init__(self, plan: TrainPlan):
         self._plan = plan
@@ -387,15 +402,13 @@ class _FitAndPublish(beam.DoFn):
 
         plan = self._plan
         try:
-            try:
-                summary = settle(plan.preprocess)
-            except DataError as e:
-                kept = _keep_evidence(plan.work_dir, plan.version_dir)
-                raise type(e)(f"{e}{'; rejected rows and summary in ' + plan.version_dir if kept else ''}") from None
-            fit_and_publish(plan, summary)
-        finally:
-            if plan.remove_work_dir:
-                files.delete_tree(plan.work_dir)
+            summary = settle(plan.preprocess)
+        except DataError as e:
+            kept = _keep_evidence(plan.work_dir, plan.version_dir)
+            raise type(e)(f"{e}{'; rejected rows and summary in ' + plan.version_dir if kept else ''}") from None
+        fit_and_publish(plan, summary)
+        if plan.remove_work_dir:
+            files.delete_tree(plan.work_dir)
         yield plan.version
 
 

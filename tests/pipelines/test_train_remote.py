@@ -108,7 +108,9 @@ def test_a_refused_remote_run_keeps_the_evidence_and_removes_the_work_folder(rem
     assert "rejected rows and summary in fakegs://bucket/models/m2" in str(caught.value)
     names = {p.rsplit("/", 1)[-1] for p in files.list_files("fakegs://bucket/models")}
     assert "summary.json" in names and layout.TRAINING_FILE not in names and "LATEST" not in names, names
-    assert not files.list_files("fakegs://bucket/models/_work") and not files.exists("fakegs://bucket/models/_lease.json")
+    assert not files.exists("fakegs://bucket/models/_lease.json")
+    # The examples stay for a retried attempt and the operator (deploy/README.md: a failed job leaves them).
+    assert files.list_files("fakegs://bucket/models/_work/m2")
 
 
 def test_train_on_remote_workers_refuses_an_index_whose_encoders_are_local_folders(tiny_encoders, fake_gcs_root,
@@ -129,3 +131,24 @@ def test_train_on_remote_workers_refuses_an_index_whose_encoders_are_local_folde
         train_pipeline.run(["--clicks", "fakegs://bucket/clicks/*.parquet", "--index", "fakegs://bucket/index",
                             "--output", "fakegs://bucket/models", "--cache-dir", str(tmp_path / "cache")])
     assert not files.exists("fakegs://bucket/models/_lease.json")
+
+
+def test_a_retried_fit_step_never_rewrites_a_sealed_version(remote_shop, tmp_path, monkeypatch):
+    """Dataflow retries a failed bundle: an attempt that sealed (and promoted) the version before failing must
+    not train again and overwrite what LATEST's checksum names."""
+    from pipelines import train_pipeline
+    from training import model as tm
+
+    monkeypatch.setattr(preflight, "workers_share_disk", lambda options: False)
+    calls = []
+    real_fit = train_pipeline.fit_and_publish
+    monkeypatch.setattr(train_pipeline, "fit_and_publish", lambda plan, summary: (calls.append((plan, summary)),
+                                                                                  real_fit(plan, summary))[1])
+    train_pipeline.run(["--clicks", "fakegs://bucket/clicks/*.parquet", "--index", "fakegs://bucket/index",
+                        "--output", "fakegs://bucket/models", "--epochs", "2", "--batch-size", "16",
+                        "--models-version", "m3", "--cache-dir", str(tmp_path / "cache")])
+    before = {p: files.read_bytes(p) for p in files.list_files("fakegs://bucket/models")}
+    monkeypatch.setattr(tm, "train", lambda *a, **k: pytest.fail("a sealed version was trained again"))
+    real_fit(*calls[0])  # the retried attempt
+    after = {p: files.read_bytes(p) for p in files.list_files("fakegs://bucket/models")}
+    assert after == before
