@@ -428,6 +428,28 @@ class IndexRunResult:
         )
 
 
+def _published_from_other_inputs(plan: IndexPlan, current: layout.Pointer) -> ConfigError:
+    return ConfigError(f"version {plan.version!r} is already published ({current.path}) from other inputs "
+                       f"(catalog, encoders or options differ); pick another --version or pass --force "
+                       f"to publish a replacement")
+
+
+def _refuse_other_inputs(plan: IndexPlan) -> None:
+    """For a template launch, which cannot finish a publication itself: _finish_existing's refusal of a version
+    already published from other inputs, before a job is built (the job would fail only at its end)."""
+    if plan.force:
+        return
+    current, _ = pub.read_pointer(files.join(plan.version_dir, layout.CURRENT_FILE))
+    if current is None:
+        return
+    try:
+        live = pub.verify_release(files.join(plan.output, current.path), current)
+    except VerificationError:
+        return  # the job publishes a new release, as a CLI run would
+    if live.manifest["inputs"]["digest"] != plan.inputs()["digest"]:
+        raise _published_from_other_inputs(plan, current)
+
+
 def _finish_existing(plan: IndexPlan, owner: lease.Lease) -> Optional[tuple]:
     """A rerun of a version that is already published, or whose release is complete but not yet
     named (a run killed between its manifest and its pointers): finish it instead of redoing it.
@@ -448,9 +470,7 @@ def _finish_existing(plan: IndexPlan, owner: lease.Lease) -> Optional[tuple]:
         elif plan.force:
             return None
         else:
-            raise ConfigError(f"version {plan.version!r} is already published ({current.path}) from other inputs "
-                              f"(catalog, encoders or options differ); pick another --version or pass --force "
-                              f"to publish a replacement")
+            raise _published_from_other_inputs(plan, current)
         outcome = pub.switch_pointers(plan.output, pointer, force=False, lease=owner)
         return live.manifest, outcome, "already published with identical inputs; nothing rebuilt"
     if plan.force:
@@ -526,6 +546,7 @@ def run(argv=None, test_pipeline: Optional[beam.Pipeline] = None) -> IndexRunRes
         # its publication keeps the identical live release.
         if launch_only:
             lease.Lease(plan.output, plan.run_id, plan.version, seconds=opts.lease_seconds).check_free()
+            _refuse_other_inputs(plan)
         plan = dataclasses.replace(plan, reuse=reuse.resolve(plan, opts.reuse_from, opts.no_reuse))
         options.view_as(SetupOptions).save_main_session = False
         p = test_pipeline if test_pipeline is not None else beam.Pipeline(options=options)

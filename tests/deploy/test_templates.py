@@ -507,3 +507,36 @@ def test_a_train_dry_run_on_dataflow_submits_nothing(remote_index, monkeypatch, 
     assert status == 0, last
     assert stdout.strip().splitlines()[-1].startswith("dry run: nothing submitted (the job for models version m1")
     assert files.list_files("fakegs://bucket/models") == []
+
+
+def test_a_template_launch_refuses_a_version_published_from_other_inputs(
+        sample_catalog, tiny_encoders, fake_gcs_root, staged_uploads, monkeypatch, capsys):
+    """The launcher cannot finish a publication (it exits before the job), but it still refuses, before any job,
+    what the CLI would refuse: a version already published from other inputs without --force."""
+    from google.auth.credentials import AnonymousCredentials
+
+    from tests.search.conftest import publish
+
+    class Anonymous(AnonymousCredentials):
+        def refresh(self, request):
+            pass
+
+    _catalog_in_fake_gcs(sample_catalog, "fakegs://bucket/catalog")
+    text, image = _remote_encoders(tiny_encoders)
+    publish("fakegs://bucket/catalog/*.parquet", "fakegs://bucket/index", (text, image), "2026-11-30",
+            "2026-11-30T00:00:00Z", "--max-rejected-fraction", "0.5")
+    _google_auth(monkeypatch, credentials=Anonymous())
+    main = _main_py()
+    monkeypatch.delenv(main.PIPELINE_ENV, raising=False)
+    params = ["--catalog=fakegs://bucket/catalog/*.parquet", "--output=fakegs://bucket/index",
+              f"--text_encoder={text}", f"--image_encoder={image}", "--version=2026-11-30",
+              "--snapshot_time=2026-11-30T00:00:00Z", "--max_rejected_fraction=0.5", "--shards=3",
+              "--runner=DataflowRunner", "--project=proj-123", "--region=us-central1",
+              "--temp_location=gs://bucket-x/tmp", "--template_location=gs://bucket-x/launch/job_object"]
+    status, _, last, _ = _main(capsys, main.argv(params))
+    assert status == 2, last
+    assert "version '2026-11-30' is already published" in last and "from other inputs" in last, last
+    assert not (staged_uploads / "bucket-x" / "launch" / "job_object").exists()
+    status, _, last, _ = _main(capsys, main.argv(params + ["--force=true"]))  # a replacement: the job is built
+    assert status == 0, last
+    assert (staged_uploads / "bucket-x" / "launch" / "job_object").exists()
