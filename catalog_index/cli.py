@@ -147,12 +147,13 @@ def _train(argv):
     if "-h" in argv or "--help" in argv:
         _print_options_help(
             TrainOptions, prog="catalog-index train",
-            description="Refit the fusion on logged clicks: a Beam preprocessing (validate, encode each distinct "
-                        "query once, split by time), then an item tower and a query tower trained with an "
-                        "in-batch softmax, evaluated on the held-out days against the index's fusion, and "
-                        "published as OUTPUT/<version>/ (LATEST moves by compare-and-swap).",
-            epilog="Any Beam pipeline flag (--runner, --direct_num_workers, Dataflow flags) passes through to the "
-                   "preprocessing. Then: catalog-index index ... --fusion-model MODELS_DIR.")
+            description="Refit the fusion on logged clicks, as one Beam job: a preprocessing (validate, encode each "
+                        "distinct query once, split by time), then a fit step on one worker: an item tower and a "
+                        "query tower trained with an in-batch softmax, evaluated on the held-out days against the "
+                        "index's fusion, and published as OUTPUT/<version>/ (LATEST moves by compare-and-swap).",
+            epilog="Any Beam pipeline flag (--runner, --direct_num_workers, Dataflow flags such as --project, "
+                   "--region, --temp_location) passes through to the job. Then: catalog-index index ... "
+                   "--fusion-model MODELS_DIR.")
         return 0
     flags.check_pipeline_flags(argv, "catalog-index train", app=TrainOptions)
     result = train_pipeline.run(argv)
