@@ -667,3 +667,49 @@ def test_sigkill_on_the_object_store_then_rerun(step, small_catalog, tiny_encode
     assert again.returncode == 0, again.stderr[-2000:]
     assert check_complete(local_out)[0] == "v1"
     assert run("verify", "--index", out).returncode == 0
+
+
+# --------------------------------------------------------------------------- the lease when the launcher only submits
+
+
+def test_a_job_whose_launcher_holds_no_lease_takes_it_to_publish_and_gives_it_back(output, small_catalog,
+                                                                                     tiny_encoders, monkeypatch):
+    """What a Flex Template launch leaves to the job: here the whole job runs on the local runner, as if the
+    launcher had only submitted it (preflight.is_template_launch answers True), so nobody holds the lease
+    until PublishIndex takes it; afterwards LATEST names the new complete version and no lease is left."""
+    from pipelines import preflight
+
+    monkeypatch.setattr(preflight, "is_template_launch", lambda options: True)
+    taken = []
+    real_acquire = lease.Lease.acquire
+    monkeypatch.setattr(lease.Lease, "acquire", lambda self: (taken.append(self.owner), real_acquire(self))[1])
+    result = index_pipeline.run(index_args(small_catalog["catalog_glob"], output, tiny_encoders, "--version", "v1",
+                                           "--snapshot-time", "2026-11-02", "--shards", "2"))
+    assert result.manifest is None and "job graph written for version v1" in result.summary()
+    assert len(taken) == 1, taken  # by the publication step, once
+    assert check_complete(output)[0] == "v1"
+    assert not os.path.exists(os.path.join(output, layout.LEASE_FILE))
+
+
+def test_a_job_that_finds_the_lease_taken_at_publication_moves_no_pointer(output, small_catalog, tiny_encoders,
+                                                                          monkeypatch):
+    """Another run takes the lease while the submitted job runs: the job's publication fails with the holder's
+    name and LATEST stays on the last complete version."""
+    from pipelines import preflight
+    from schemas.errors import LeaseHeldError
+
+    monkeypatch.setattr(preflight, "is_template_launch", lambda options: True)
+    before = check_complete(output)
+    real_failpoint = pub.failpoint
+
+    def another_run_starts(name):
+        if name == "after_manifest":
+            lease.Lease(output, "r20261130T000000Z-0therrun", "v9", seconds=600).acquire()
+        real_failpoint(name)
+
+    monkeypatch.setattr(pub, "failpoint", another_run_starts)
+    with pytest.raises(LeaseHeldError, match="r20261130T000000Z-0therrun"):
+        index_pipeline.run(index_args(small_catalog["catalog_glob"], output, tiny_encoders, "--version", "v1",
+                                      "--snapshot-time", "2026-11-02", "--shards", "2"))
+    assert check_complete(output) == before
+    assert not os.path.exists(os.path.join(output, "v1", layout.CURRENT_FILE))
