@@ -152,3 +152,23 @@ def test_a_retried_fit_step_never_rewrites_a_sealed_version(remote_shop, tmp_pat
     real_fit(*calls[0])  # the retried attempt
     after = {p: files.read_bytes(p) for p in files.list_files("fakegs://bucket/models")}
     assert after == before
+
+
+def test_a_train_job_whose_launcher_holds_no_lease_takes_it_for_its_publication(remote_shop, tmp_path,
+                                                                                monkeypatch):
+    """A Flex Template launch leaves the lease to the job: run here on the local runner as if only submitted."""
+    from pipelines import lease, train_pipeline
+
+    monkeypatch.setattr(preflight, "workers_share_disk", lambda options: False)
+    monkeypatch.setattr(preflight, "is_template_launch", lambda options: True)
+    taken = []
+    real_acquire = lease.Lease.acquire
+    monkeypatch.setattr(lease.Lease, "acquire", lambda self: (taken.append(self.owner), real_acquire(self))[1])
+    result = train_pipeline.run(["--clicks", "fakegs://bucket/clicks/*.parquet", "--index", "fakegs://bucket/index",
+                                 "--output", "fakegs://bucket/models", "--epochs", "2", "--batch-size", "16",
+                                 "--models-version", "m4", "--cache-dir", str(tmp_path / "cache")])
+    assert result.mode == train_pipeline.LAUNCHED and "job graph written for models version m4" in result.summary()
+    assert taken == ["m4"]  # by the fit step, once
+    pointer = layout.ModelsPointer.loads(files.read_bytes("fakegs://bucket/models/LATEST"), where="LATEST")
+    assert pointer.version == "m4"
+    assert not files.exists("fakegs://bucket/models/_lease.json")
