@@ -66,18 +66,18 @@ def remote_shop(tiny_encoders, fake_gcs_root, tmp_path, monkeypatch):
 
 
 def test_train_with_remote_workers_reads_and_writes_only_the_buckets(remote_shop, tmp_path, monkeypatch):
-    from pipelines import train_pipeline
+    from pipelines import train_fit, train_pipeline
 
     monkeypatch.setattr(preflight, "workers_share_disk", lambda options: False)
     seen = {}
-    real_fit = train_pipeline.fit_and_publish
+    real_fit = train_fit.fit_and_publish
 
     def fit(plan, summary):  # what the fit step was given: the remote plan
         seen.update(release_dir=plan.release_dir, work_dir=plan.work_dir, examples=list(summary.paths["examples"]))
         assert files.list_files(plan.work_dir), "the examples are in the work folder while the fit step runs"
         return real_fit(plan, summary)
 
-    monkeypatch.setattr(train_pipeline, "fit_and_publish", fit)
+    monkeypatch.setattr(train_fit, "fit_and_publish", fit)
     result = train_pipeline.run(["--clicks", "fakegs://bucket/clicks/*.parquet", "--index", "fakegs://bucket/index",
                                  "--output", "fakegs://bucket/models", "--epochs", "3", "--batch-size", "16",
                                  "--models-version", "m1", "--cache-dir", str(tmp_path / "cache")])
@@ -136,13 +136,13 @@ def test_train_on_remote_workers_refuses_an_index_whose_encoders_are_local_folde
 def test_a_retried_fit_step_never_rewrites_a_sealed_version(remote_shop, tmp_path, monkeypatch):
     """Dataflow retries a failed bundle: an attempt that sealed (and promoted) the version before failing must
     not train again and overwrite what LATEST's checksum names."""
-    from pipelines import train_pipeline
+    from pipelines import train_fit, train_pipeline
     from training import model as tm
 
     monkeypatch.setattr(preflight, "workers_share_disk", lambda options: False)
     calls = []
-    real_fit = train_pipeline.fit_and_publish
-    monkeypatch.setattr(train_pipeline, "fit_and_publish", lambda plan, summary: (calls.append((plan, summary)),
+    real_fit = train_fit.fit_and_publish
+    monkeypatch.setattr(train_fit, "fit_and_publish", lambda plan, summary: (calls.append((plan, summary)),
                                                                                   real_fit(plan, summary))[1])
     train_pipeline.run(["--clicks", "fakegs://bucket/clicks/*.parquet", "--index", "fakegs://bucket/index",
                         "--output", "fakegs://bucket/models", "--epochs", "2", "--batch-size", "16",
