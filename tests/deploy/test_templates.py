@@ -371,6 +371,14 @@ def staged_uploads(tmp_path, monkeypatch):
         target.write_bytes(stream.read())
 
     monkeypatch.setattr(apiclient.DataflowApplicationClient, "stage_file", stage_file)
+    # Beam's clients take only google-auth's own credential classes; anonymous ones that refresh without a network.
+    from google.auth.credentials import AnonymousCredentials
+
+    class Anonymous(AnonymousCredentials):
+        def refresh(self, request):
+            pass
+
+    _google_auth(monkeypatch, credentials=Anonymous())
     # Beam asks GCS for the bucket's soft-delete policy (a warning only); with no network that takes minutes.
     monkeypatch.setattr(GoogleCloudOptions, "_warn_if_soft_delete_policy_enabled", lambda self, arg_name: None)
     return root
@@ -381,13 +389,6 @@ def test_a_template_launch_writes_the_job_graph_and_leaves_the_lease_to_the_job(
     """What a Flex Template launcher runs: main.py with --template_location. Beam writes the job graph there and
     returns before the job exists, so the launcher must neither hold the lease for the job (it exits now) nor
     wait: nothing but the graph is written, and the summary says the job publishes."""
-    from google.auth.credentials import AnonymousCredentials
-
-    class Anonymous(AnonymousCredentials):  # google-auth's own class (Beam's clients check it); refresh works
-        def refresh(self, request):
-            pass
-
-    _google_auth(monkeypatch, credentials=Anonymous())
     _catalog_in_fake_gcs(sample_catalog, "fakegs://bucket/catalog")
     text, image = _remote_encoders(tiny_encoders)
     from pipelines import lease
@@ -475,15 +476,9 @@ def test_a_train_template_launch_writes_the_whole_job_graph(remote_index, staged
     """The launcher writes one job: the preprocessing and the fit step (training happens on a worker), takes no
     lease and writes nothing under the models directory."""
     from apache_beam.portability.api import beam_runner_api_pb2
-    from google.auth.credentials import AnonymousCredentials
 
     from pipelines import lease
 
-    class Anonymous(AnonymousCredentials):
-        def refresh(self, request):
-            pass
-
-    _google_auth(monkeypatch, credentials=Anonymous())
     monkeypatch.setattr(lease.Lease, "acquire", lambda self: pytest.fail("the launcher took the lease"))
     main = _main_py()
     monkeypatch.setenv(main.PIPELINE_ENV, "train")
@@ -513,19 +508,12 @@ def test_a_template_launch_refuses_a_version_published_from_other_inputs(
         sample_catalog, tiny_encoders, fake_gcs_root, staged_uploads, monkeypatch, capsys):
     """The launcher cannot finish a publication (it exits before the job), but it still refuses, before any job,
     what the CLI would refuse: a version already published from other inputs without --force."""
-    from google.auth.credentials import AnonymousCredentials
-
     from tests.search.conftest import publish
-
-    class Anonymous(AnonymousCredentials):
-        def refresh(self, request):
-            pass
 
     _catalog_in_fake_gcs(sample_catalog, "fakegs://bucket/catalog")
     text, image = _remote_encoders(tiny_encoders)
     publish("fakegs://bucket/catalog/*.parquet", "fakegs://bucket/index", (text, image), "2026-11-30",
             "2026-11-30T00:00:00Z", "--max-rejected-fraction", "0.5")
-    _google_auth(monkeypatch, credentials=Anonymous())
     main = _main_py()
     monkeypatch.delenv(main.PIPELINE_ENV, raising=False)
     params = ["--catalog=fakegs://bucket/catalog/*.parquet", "--output=fakegs://bucket/index",
