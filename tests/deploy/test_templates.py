@@ -345,15 +345,20 @@ def test_a_backfill_on_dataflow_refuses_a_local_catalog(sample_catalog, fake_gcs
     assert "2026-11-28  failed" in stdout and "--catalog" in stdout and "is on this machine's disk" in stdout, stdout
 
 
-def test_the_train_template_refuses_local_paths_on_dataflow(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flag", ["clicks", "index", "output", "image_root"])
+def test_the_train_template_refuses_local_paths_on_dataflow(flag, tmp_path, monkeypatch, capsys):
     """Train runs on Dataflow (its fit is a step of the job): like the index, every path must be remote."""
     main = _main_py()
-    monkeypatch.setenv(main.PIPELINE_ENV, "train")
-    params = [f"--clicks={tmp_path}/clicks/*.parquet", "--index=gs://bucket-x/index",
-              "--output=gs://bucket-x/models", "--promote_if_better=true", "--no_logq=false"]
+    monkeypatch.delenv(main.PIPELINE_ENV, raising=False)  # --clicks names the train command (main.py)
+    given = {"clicks": "gs://bucket-x/clicks/*.parquet", "index": "gs://bucket-x/index",
+             "output": "gs://bucket-x/models", "image_root": "gs://bucket-x/images/"}
+    given[flag] = str(tmp_path / flag)
+    params = [f"--{k}={v}" for k, v in given.items()] + ["--promote_if_better=true", "--no_logq=false"]
     status, _, last, _ = _main(capsys, main.argv(params) + DATAFLOW)
     assert status == 2, last
-    assert "--clicks " in last and "is on this machine's disk" in last, last
+    assert last.startswith("catalog-index train: error: --" + flag.replace("_", "-") + " "), last
+    assert "is on this machine's disk" in last and "DataflowRunner workers cannot see" in last, last
+    assert not (tmp_path / flag).exists()
 
 
 @pytest.fixture
