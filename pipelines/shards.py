@@ -124,10 +124,13 @@ def _vectors(values) -> pa.ListArray:
     return _list_array(np.array(present, bool), lengths, np.concatenate(flat) if flat else np.zeros(0, np.float32))
 
 
+_VECTOR = pa.list_(pa.float32())
+
+
 def _list_array(present: np.ndarray, lengths: np.ndarray, flat: np.ndarray) -> pa.ListArray:
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     mask = pa.array(~present) if not present.all() else None
-    return pa.ListArray.from_arrays(offsets, pa.array(flat), pa.list_(pa.float32()), mask=mask)
+    return pa.ListArray.from_arrays(offsets, pa.array(flat), _VECTOR, mask=mask)
 
 
 class _Rows(NamedTuple):
@@ -206,12 +209,45 @@ def _id_order(ids: list) -> Optional[list]:
     return None if all(i == r for i, r in enumerate(order)) else order
 
 
+def _sort_order(ids: list) -> np.ndarray:
+    """_id_order as row numbers (the identity when the rows are sorted already)."""
+    order = _id_order(ids)
+    return np.arange(len(ids), dtype=np.int64) if order is None else np.asarray(order, np.int64)
+
+
+class _Scatter:
+    """One vector column of one width (or nulls) put into its sorted rows, one source at a time: the output
+    is allocated once and each source's present rows are copied into their places with numpy. Arrow's
+    take of a list column makes an index per value (int64: twice the vectors' bytes) beside its output:
+    sorting a shard peaked at ~3.6 copies of its vectors, two shards at a time (issue 9); this holds the
+    output beside one source's values."""
+
+    def __init__(self, present: np.ndarray, order: np.ndarray, inverse: np.ndarray, width: int):
+        self._present = present[order]
+        self._slot = np.cumsum(self._present) - 1  # row of the output's values for each present output row
+        self._inverse = inverse
+        self._width = width
+        self._matrix = np.empty((int(self._present.sum()), width), np.float32)
+
+    def put(self, rows: np.ndarray, flat: np.ndarray) -> None:
+        """``rows``: the input row numbers of a source's present rows; ``flat``: their values, in row order."""
+        if len(rows):
+            self._matrix[self._slot[self._inverse[rows]]] = flat.reshape(len(rows), self._width)
+
+    def array(self) -> pa.ListArray:
+        return _list_array(self._present, self._present.astype(np.int64) * self._width, self._matrix.reshape(-1))
+
+
+def _inverse(order: np.ndarray) -> np.ndarray:
+    """For each input row, its place in the sorted output."""
+    inverse = np.empty(len(order), np.int64)
+    inverse[order] = np.arange(len(order))
+    return inverse
+
+
 def _take_vectors(column, order: np.ndarray) -> Optional[pa.ListArray]:
-    """``column.take(order)`` for a list<float32> column of vectors of one length (or nulls), as one chunk,
-    gathered a row at a time with numpy; None when the vectors differ in length. Arrow's take of a list
-    column makes an index per value (int64: twice the vectors' bytes) beside its output: sorting a
-    shard peaked at ~3.6 copies of its vectors, two shards at a time (issue 9); this holds the input
-    and the output."""
+    """``column.take(order)`` for a list<float32> column of vectors of one length (or nulls), as one chunk
+    (_Scatter, a chunk at a time); None when the vectors differ in length."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts, width = [], None
     for arr in chunks:
@@ -221,52 +257,38 @@ def _take_vectors(column, order: np.ndarray) -> Optional[pa.ListArray]:
             if width is not None and w != width:
                 return None
             width = w
-        flat = _flat_values(arr, present)
-        parts.append((present, flat))
+        parts.append((present, _flat_values(arr, present)))
     present = np.concatenate([p for p, _ in parts]) if parts else np.zeros(0, bool)
-    width = width or 0
-    inverse = np.empty(len(order), np.int64)
-    inverse[order] = np.arange(len(order))
-    present_sorted = present[order]
-    slot = np.cumsum(present_sorted) - 1  # row of the output's values for each present output row
-    out = np.empty((int(present_sorted.sum()), width), np.float32)
+    scatter = _Scatter(present, order, _inverse(order), width or 0)
     base = 0
     for chunk_present, flat in parts:
-        rows = base + np.flatnonzero(chunk_present)
-        if len(rows):
-            out[slot[inverse[rows]]] = flat.reshape(len(rows), width)
+        scatter.put(base + np.flatnonzero(chunk_present), flat)
         base += len(chunk_present)
-    return _list_array(present_sorted, present_sorted.astype(np.int64) * width, out.reshape(-1))
-
+    return scatter.array()
 
 
 def sorted_by_id(table: pa.Table) -> pa.Table:
     """The rows sorted by item_id, as write_shard orders them, one chunk per column. Sorting before the
     call lets the caller drop the unsorted table: write_shard then holds one copy of the shard's vectors,
     not two; the vector columns are gathered row by row (_take_vectors), the others by Arrow's take."""
-    ids = table.column("item_id").to_pylist()
-    order = _id_order(ids)
-    order = np.arange(len(ids), dtype=np.int64) if order is None else np.asarray(order, np.int64)
+    order = _sort_order(table.column("item_id").to_pylist())
     indices = pa.array(order, pa.int64())
     columns = []
     for field in table.schema:
         column = table.column(field.name)
-        taken = _take_vectors(column, order) if field.type == pa.list_(pa.float32()) else None
+        taken = _take_vectors(column, order) if field.type == _VECTOR else None
         columns.append(taken if taken is not None else column.take(indices).combine_chunks())
     return pa.Table.from_arrays(columns, schema=table.schema)
-
-
-_VECTOR = pa.list_(pa.float32())
 
 
 def sorted_sources(sources: Sequence, expected_rows: Optional[int] = None) -> pa.Table:
     """sorted_by_id of the concatenated tables of ``sources`` (callables that return a table of
     ``STAGING_SCHEMA``: a staging file read, or rows held in memory), reading one source at a time: first
     every source's ids, validity and small columns; then each source again, its vectors scattered into
-    their sorted places. So the shard's vectors are held once (the output) beside one source, where
-    reading every file and sorting held them twice (issue 9: two shards at once at the built-in sizes,
-    ~90 MiB per 100k items). ``expected_rows``: rows the sources must hold. Vectors of unequal lengths
-    in a column: read whole and sorted_by_id."""
+    their sorted places (_Scatter). So the shard's vectors are held once (the output) beside one source,
+    where reading every file and sorting held them twice (issue 9: two shards at once at the built-in
+    sizes, ~90 MiB per 100k items). ``expected_rows``: rows the sources must hold. Vectors of unequal
+    lengths in a column: read whole and sorted_by_id."""
     vector_names = [f.name for f in STAGING_SCHEMA if f.type == _VECTOR]
     small = {f.name: [] for f in STAGING_SCHEMA if f.type != _VECTOR}
     present = {name: [] for name in vector_names}
@@ -290,18 +312,11 @@ def sorted_sources(sources: Sequence, expected_rows: Optional[int] = None) -> pa
     if any(len(w) > 1 for w in widths.values()):
         tables = [_checked(source()) for source in sources]
         return sorted_by_id(pa.concat_tables(tables) if tables else STAGING_SCHEMA.empty_table())
-    ids = small["item_id"]
-    order = _id_order(ids)
-    order = np.arange(n, dtype=np.int64) if order is None else np.asarray(order, np.int64)
-    inverse = np.empty(n, np.int64)
-    inverse[order] = np.arange(n)
-    out = {}
-    for name in vector_names:
-        valid = np.concatenate(present[name]) if present[name] else np.zeros(0, bool)
-        width = next(iter(widths[name]), 0)
-        valid_sorted = valid[order]
-        slot = np.cumsum(valid_sorted) - 1  # row of the output's values for each present output row
-        out[name] = (valid_sorted, width, slot, np.empty((int(valid_sorted.sum()), width), np.float32))
+    order = _sort_order(small["item_id"])
+    inverse = _inverse(order)
+    out = {name: _Scatter(np.concatenate(present[name]) if present[name] else np.zeros(0, bool), order, inverse,
+                          next(iter(widths[name]), 0))
+           for name in vector_names}
     base = 0
     for k, source in enumerate(sources):
         table = _checked(source())
@@ -309,17 +324,13 @@ def sorted_sources(sources: Sequence, expected_rows: Optional[int] = None) -> pa
             raise RuntimeError(f"a staging source gave {counts[k]} rows, then {table.num_rows}")
         for name in vector_names:
             valid = present[name][k]
-            rows = base + np.flatnonzero(valid)
-            if len(rows):
-                _, width, slot, matrix = out[name]
-                matrix[slot[inverse[rows]]] = _flat_values(_one_chunk(table.column(name)), valid).reshape(-1, width)
+            out[name].put(base + np.flatnonzero(valid), _flat_values(_one_chunk(table.column(name)), valid))
         base += counts[k]
         del table
     columns = []
     for field in STAGING_SCHEMA:
         if field.type == _VECTOR:
-            valid_sorted, width, _, matrix = out.pop(field.name)
-            columns.append(_list_array(valid_sorted, valid_sorted.astype(np.int64) * width, matrix.reshape(-1)))
+            columns.append(out.pop(field.name).array())
         else:
             values = small.pop(field.name)
             columns.append(pa.array([values[i] for i in order], field.type))
