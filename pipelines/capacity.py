@@ -7,9 +7,10 @@ staging files with only references shuffled, each batch runs from its images to 
 in one fused chain, and each shard is built from its own files. What grows with the catalog is keys and
 references, the runner's bookkeeping, what the allocator keeps, plus the shards built at once (from 10k
 to 100k items, tiny encoders: the run's peak +0.7 KiB per item; benchmarks/README.md, "The bound at
-10k -> 100k"); the constants below predate that and stay on the safe side. The model: a fixed base for TensorFlow and the encoders; per item an overhead and a quarter of
-its text, image and fused vectors in float32 (transient buffers); and one shard's build on top
-(shard_bytes; shard_threads builds more at once only when they fit). Measured
+10k -> 100k"); the constants below predate that and stay on the safe side. The model: a fixed base
+for TensorFlow and the encoders; per item an overhead and a quarter of its text, image and fused
+vectors in float32 (transient buffers); and one shard's build on top (shard_bytes; shard_threads builds
+more at once only when they fit). Measured
 (`benchmarks/bench_memory.py`, 16 shards, 256-d, tiny encoders; benchmarks/README.md, "The encode stage
 without vectors in shuffles"): 1M items at the built-in sizes 384/1,280-d peaked at 5.6 GiB (estimate
 9.1), 100k at 1.6 GiB (2.7), 100k at 64/48-d 1.3 GiB (2.5); one 100k shard at the built-in sizes

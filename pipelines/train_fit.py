@@ -173,7 +173,6 @@ class TrainPlan(NamedTuple):
     promote_if_better: bool
     lease_seconds: int
     options: dict  # TrainOptions.training_options(), recorded in training.json
-    remove_work_dir: bool  # a remote work folder is removed by the fit step; a local one by the launcher
 
     @property
     def version_dir(self) -> str:
@@ -182,6 +181,11 @@ class TrainPlan(NamedTuple):
     @property
     def work_dir(self) -> str:
         return self.preprocess.out_dir
+
+    @property
+    def remove_work_dir(self) -> bool:
+        """A remote work folder (remote runners) is removed by the fit step; a local one by the launcher."""
+        return not files.is_local(self.work_dir)
 
     def owner(self) -> lease.Lease:
         return lease.Lease(self.models_dir, self.version, self.version, command="train", seconds=self.lease_seconds)

@@ -143,7 +143,7 @@ def _plan(opts: TrainOptions, options, models_dir: str, work_dir: str) -> TrainP
         fit={"epochs": opts.epochs, "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
              "temperature": opts.temperature, "use_logq": not opts.no_logq, "seed": opts.seed},
         promote_if_better=bool(opts.promote_if_better), lease_seconds=opts.lease_seconds,
-        options=opts.training_options(), remove_work_dir=not shared)
+        options=opts.training_options())
 
 
 def _result(plan: TrainPlan, seconds: float) -> TrainResult:

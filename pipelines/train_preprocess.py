@@ -922,7 +922,7 @@ def settle(plan: PreprocessPlan, metrics: Optional[dict] = None, started: Option
     and refusal recorded in it; DataError when training must not go on (``_refusal``).
 
     Called by run_preprocess in the launching process (with the run's Beam metrics) and by the training job's
-    fit step (pipelines/train_pipeline.py) on a worker, where Beam's metrics are not available (``metrics``
+    fit step (pipelines/train_fit.py) on a worker, where Beam's metrics are not available (``metrics``
     None: the encoded counts stay unknown there)."""
     metrics = metrics or {}
     summary_path = files.join(plan.out_dir, SUMMARY_FILE)
